@@ -1,0 +1,53 @@
+"""First-party BLIP backbone plugin (``blip.v1``).
+
+Loaded through the ``unitrans.plugins`` entry-point group, exactly as a third-party plugin is. This module is
+light (no torch at import): the builder's signature is the spec schema, the implementation is in ``backbone.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from unitrans import registry
+
+
+@registry.backbones.register("blip.v1")
+def blip_v1(
+    preset: Literal["tiny", "small", "base"] | None = None,
+    pretrained: str | None = None,
+    task_model: Literal["retrieval", "captioning", "vqa"] = "retrieval",
+    freeze: bool = True,
+    train_parts: list[str] = [],
+    image_size: Annotated[int, Field(gt=0)] | None = None,
+    max_text_length: Annotated[int, Field(gt=0)] = 35,
+    gradient_checkpointing: bool = False,
+):
+    """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen.
+
+    Args:
+        preset: a named architecture with random init (``tiny``: 64 wide, 2 layers, 64 px, for tests and the
+            quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting). Mutually
+            exclusive with ``pretrained``.
+        pretrained: a hub id (``"Salesforce/blip-itm-base-coco"``) or a local ``save_pretrained`` directory with
+            the model and its processor.
+        task_model: which BLIP head: ``retrieval`` (``BlipForImageTextRetrieval``), ``captioning``, ``vqa``.
+        freeze: freeze every backbone weight (``false``: full fine-tuning).
+        train_parts: backbone submodules that train anyway (e.g. ``["itm_head"]``).
+        image_size: input resolution (default: the checkpoint's or preset's).
+        max_text_length: tokenizer truncation length (BLIP uses 35 for retrieval).
+        gradient_checkpointing: recompute the frozen blocks' activations in backward.
+    """
+    from unitrans_blip.backbone import BlipBackbone
+
+    return BlipBackbone(
+        preset=preset,
+        pretrained=pretrained,
+        task_model=task_model,
+        freeze=freeze,
+        train_parts=train_parts,
+        image_size=image_size,
+        max_text_length=max_text_length,
+        gradient_checkpointing=gradient_checkpointing,
+    )

@@ -1,0 +1,268 @@
+"""BLIP through Hugging Face ``transformers``: the reference backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unitrans.errors import UserError
+from unitrans.interfaces import Backbone, InjectionPoint
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VOCAB_TINY = Path(__file__).with_name("vocab_tiny.txt")
+
+# name -> (vision width, vision layers, heads, mlp, image size, patch, text width, text layers, heads, mlp, proj dim)
+PRESETS = {
+    "tiny": dict(vw=64, vl=2, vh=4, vm=128, img=64, patch=8, tw=64, tl=2, th=4, tm=128, proj=64, vocab=None,
+                 vinit=0.1, tinit=0.3),
+    "small": dict(vw=256, vl=4, vh=4, vm=1024, img=96, patch=16, tw=384, tl=6, th=12, tm=1536, proj=256, vocab=None,
+                  vinit=0.05, tinit=0.1),
+    "base": dict(vw=768, vl=12, vh=12, vm=3072, img=384, patch=16, tw=768, tl=12, th=12, tm=3072, proj=256, vocab=30524,
+                 vinit=0.02, tinit=0.02),
+}
+_MODEL_CLASSES = {
+    "retrieval": "BlipForImageTextRetrieval",
+    "captioning": "BlipForConditionalGeneration",
+    "vqa": "BlipForQuestionAnswering",
+}
+
+
+def preset_tokenizer():
+    """A BERT WordPiece tokenizer over a small built-in vocabulary, laid out as BLIP's: ``[DEC]`` bos, ``[ENC]``."""
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer(vocab_file=str(VOCAB_TINY), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def preset_config(preset: str, tokenizer, image_size: int | None):
+    from transformers import BlipConfig
+
+    p = PRESETS[preset]
+    img = image_size or p["img"]
+    vision = dict(
+        hidden_size=p["vw"], num_hidden_layers=p["vl"], num_attention_heads=p["vh"], intermediate_size=p["vm"],
+        image_size=img, patch_size=p["patch"],
+        # BlipVisionConfig's default initializer_range (1e-10) gives a dead, all-zero vision tower.
+        initializer_range=p["vinit"],
+    )
+    text = dict(
+        vocab_size=p["vocab"] or len(tokenizer), hidden_size=p["tw"], num_hidden_layers=p["tl"],
+        num_attention_heads=p["th"], intermediate_size=p["tm"], encoder_hidden_size=p["vw"],
+        max_position_embeddings=512 if preset == "base" else 128,
+        # A random BERT with the usual 0.02 init maps every caption to nearly the same [CLS] feature (cosine
+        # 0.99998 at 64 wide); the small presets use a wider init so a random backbone tells texts apart.
+        initializer_range=p["tinit"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+    )
+    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=p["proj"],
+                      initializer_range=p["tinit"])
+
+
+class BlipBackbone(Backbone):
+    """BLIP (ViT + BERT with cross-attention), frozen, with named injection points.
+
+    Injection points (layer-free names; modality in brackets):
+
+    * ``vision.attn.{q,k,v}`` [V]: the three row blocks of ``vision_model.encoder.layers[i].self_attn.qkv``;
+      ``vision.attn.out`` (``projection``), ``vision.mlp.{fc1,fc2}``;
+    * ``text.attn.{q,k,v,out}`` [T]: ``text_encoder.encoder.layer[i].attention.self.query/key/value`` and
+      ``attention.output.dense``; ``text.mlp.{fc1,fc2}`` (``intermediate.dense``, ``output.dense``);
+    * ``fusion.attn.{q,k,v,out}`` [C]: ``crossattention.self.query/key/value`` (k, v read the vision width) and
+      ``crossattention.output.dense``;
+    * ``decoder.attn.*``, ``decoder.fusion.*``, ``decoder.mlp.*`` [D]: the same under ``text_decoder.bert``;
+    * ``fusion.blocks``: the text encoder's layers, run in multimodal mode (for side networks).
+    """
+
+    name = "blip.v1"
+
+    def __init__(
+        self,
+        preset=None,
+        pretrained=None,
+        task_model="retrieval",
+        freeze=True,
+        train_parts=(),
+        image_size=None,
+        max_text_length=35,
+        gradient_checkpointing=False,
+    ):
+        import transformers
+
+        if (preset is None) == (pretrained is None):
+            raise UserError(
+                "backbone blip.v1: set exactly one of `preset` (tiny, small, base: random init) or `pretrained` "
+                f"(a hub id or local directory); got preset={preset!r}, pretrained={pretrained!r}"
+            )
+        cls = getattr(transformers, _MODEL_CLASSES[task_model])
+        self.task_model = task_model
+        self.max_text_length = max_text_length
+        if preset is not None:
+            self.tokenizer = preset_tokenizer()
+            config = preset_config(preset, self.tokenizer, image_size)
+            self.model = cls(config)
+            self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
+        else:
+            self.model, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
+        self.image_size = image_size or self.model.config.vision_config.image_size
+        self.interpolate_pos = self.image_size != self.model.config.vision_config.image_size
+        self.enc_token_id = _token_id(self.tokenizer, "[ENC]", self.tokenizer.cls_token_id)
+        self.bos_token_id = _token_id(self.tokenizer, "[DEC]", self.tokenizer.cls_token_id)
+        self.freeze = freeze
+        for p in self.model.parameters():
+            p.requires_grad_(not freeze)
+        self._train_parts = list(train_parts)
+        for part in train_parts:
+            self._submodule(part).requires_grad_(True)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._points: list[InjectionPoint] | None = None
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    def _submodule(self, path: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            children = ", ".join(n for n, _ in self.model.named_children())
+            raise UserError(
+                f"backbone blip.v1: train_parts entry '{path}' is not a submodule of "
+                f"{type(self.model).__name__}; top-level parts are: {children}"
+            ) from None
+
+    def declared_points(self) -> list[str]:
+        names = sorted({p.name.rsplit(".", 1)[0] + ".*" for p in self.injection_points()})
+        return names + ["fusion.blocks"]
+
+    def injection_points(self) -> list[InjectionPoint]:
+        if self._points is None:
+            pts: list[InjectionPoint] = []
+            vision = self.model.vision_model.encoder.layers
+            for i, layer in enumerate(vision):
+                attn = layer.self_attn
+                d = attn.embed_dim
+                for j, role in enumerate("qkv"):
+                    pts.append(InjectionPoint(f"vision.attn.{role}", i, "V", attn.qkv, slice(j * d, (j + 1) * d),
+                                              d, d, f"vision.{i}.attn_in", f"vision.{i}.attn"))
+                pts.append(_point("vision.attn.out", i, "V", attn.projection, f"vision.{i}.attn_out"))
+                pts.append(_point("vision.mlp.fc1", i, "V", layer.mlp.fc1, f"vision.{i}.mlp_in"))
+                pts.append(_point("vision.mlp.fc2", i, "V", layer.mlp.fc2, f"vision.{i}.mlp_hidden"))
+            if hasattr(self.model, "text_encoder"):
+                pts += _bert_points(self.model.text_encoder.encoder.layer, "text", "fusion", "T", "C")
+            if hasattr(self.model, "text_decoder"):
+                pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
+            self._points = pts
+        return self._points
+
+    def fusion_blocks(self) -> list[nn.Module]:
+        if not hasattr(self.model, "text_encoder"):
+            return super().fusion_blocks()
+        return list(self.model.text_encoder.encoder.layer)
+
+    def fusion_width(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # ---- forward functions the task heads use -----------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> image tokens ``(B, N, Dv)``."""
+        out = self.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos)
+        return out.last_hidden_state
+
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC feature of the [CLS] token: ``(B, P)``."""
+        return F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unimodal text encoder: ``(B, L)`` -> ``(B, L, Dt)``."""
+        return self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def text_feat(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def fuse(self, input_ids, attention_mask, image_embeds, image_atts=None) -> torch.Tensor:
+        """Text encoder in multimodal mode (BLIP's ITM input: first token replaced by ``[ENC]``): ``(B, L, Dt)``."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        if image_atts is None:
+            image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.model.text_encoder(input_ids=ids, attention_mask=attention_mask,
+                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+        return out.last_hidden_state
+
+    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """``(B, L, Dt)`` -> match / no-match logits ``(B, 2)``."""
+        return self.model.itm_head(fused[:, 0, :])
+
+
+def _point(name, layer, modality, linear: nn.Linear, group, attention=None) -> InjectionPoint:
+    return InjectionPoint(name, layer, modality, linear, None, linear.in_features, linear.out_features, group, attention)
+
+
+def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_modality: str) -> list[InjectionPoint]:
+    pts = []
+    for i, layer in enumerate(layers):
+        sa = layer.attention.self
+        att = f"{prefix}.{i}.attn"
+        for role, lin in (("q", sa.query), ("k", sa.key), ("v", sa.value)):
+            pts.append(_point(f"{prefix}.attn.{role}", i, modality, lin, f"{prefix}.{i}.attn_in", att))
+        pts.append(_point(f"{prefix}.attn.out", i, modality, layer.attention.output.dense, f"{prefix}.{i}.attn_out"))
+        if hasattr(layer, "crossattention"):
+            ca = layer.crossattention.self
+            catt = f"{cross_prefix}.{i}.attn"
+            # q reads the text stream; k and v read the image tokens (the same tensor in every layer)
+            pts.append(_point(f"{cross_prefix}.attn.q", i, cross_modality, ca.query, f"{cross_prefix}.{i}.q_in", catt))
+            pts.append(_point(f"{cross_prefix}.attn.k", i, cross_modality, ca.key, f"{cross_prefix}.kv_in", catt))
+            pts.append(_point(f"{cross_prefix}.attn.v", i, cross_modality, ca.value, f"{cross_prefix}.kv_in", catt))
+            pts.append(_point(f"{cross_prefix}.attn.out", i, cross_modality, layer.crossattention.output.dense,
+                              f"{cross_prefix}.{i}.attn_out"))
+        pts.append(_point(f"{prefix}.mlp.fc1", i, modality, layer.intermediate.dense, f"{prefix}.{i}.mlp_in"))
+        pts.append(_point(f"{prefix}.mlp.fc2", i, modality, layer.output.dense, f"{prefix}.{i}.mlp_hidden"))
+    return pts
+
+
+def _token_id(tokenizer, token: str, fallback: int) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return fallback if tid is None or tid == tokenizer.unk_token_id else int(tid)
+
+
+def _load_pretrained(cls, pretrained: str):
+    """Model, tokenizer and image statistics from a hub id or a local ``save_pretrained`` directory."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    local = Path(pretrained).expanduser()
+    if pretrained.startswith((".", "/", "~")) and not local.is_dir():
+        raise UserError(f"backbone blip.v1: pretrained directory '{pretrained}' does not exist")
+    source = str(local) if local.is_dir() else pretrained
+    try:
+        model = cls.from_pretrained(source)
+    except OSError as exc:
+        raise UserError(
+            f"backbone blip.v1: cannot load '{pretrained}' ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+            "Give a local directory written by save_pretrained, or a hub id on a machine that can reach the hub."
+        ) from None
+    mean, std = CLIP_MEAN, CLIP_STD
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        tokenizer = processor.tokenizer
+        ip = getattr(processor, "image_processor", None)
+        if ip is not None and getattr(ip, "image_mean", None):
+            mean, std = tuple(ip.image_mean), tuple(ip.image_std)
+    except (OSError, ValueError, TypeError):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"backbone blip.v1: no tokenizer/processor found in '{pretrained}': {exc}") from None
+    return model, tokenizer, mean, std

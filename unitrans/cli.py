@@ -1,0 +1,239 @@
+"""The command line: ``python -m unitrans {list,validate,run,params}``.
+
+``list`` and ``validate`` never import torch or transformers: listing reads ``registry.toml`` and the live
+registrations; validating imports only the builder modules, which import their implementation inside the
+builder's body. Mistakes a user can fix (a bad spec, an unknown name, a missing file) print one line each on
+stderr and exit with status 2, never with a traceback.
+
+Examples:
+    python -m unitrans list adapters
+    python -m unitrans validate examples/flickr30k_vcra.toml --set adapters.0.name=lora --set adapters.0.rank=32
+    python -m unitrans run examples/quickstart.toml --output-dir runs/try
+    python -m unitrans params examples/flickr30k_vcra.toml --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from unitrans import __version__, registry
+from unitrans.errors import UserError
+
+if TYPE_CHECKING:
+    from unitrans.spec import Spec
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a run failed for a reason that is not the user's spec (e.g. a missing optional dependency)
+EXIT_USER = 2  # the user's spec, command line or files are wrong
+
+_KIND_ALIASES = {k.rstrip("s"): k for k in registry.KINDS} | {
+    "alignment_loss": "alignment_losses",
+    "losses": "alignment_losses",
+    "data": "datasets",
+    "side_network": "side_networks",
+}
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _kind_name(text: str) -> str:
+    """``"adapter"``, ``"side-networks"``, ``"adapters"`` -> the registry kind; unknown -> UserError."""
+    key = text.strip().lower().replace("-", "_")
+    if key in registry.KINDS:
+        return key
+    if key in _KIND_ALIASES:
+        return _KIND_ALIASES[key]
+    raise UserError(f"unknown kind '{text}'; kinds are: {', '.join(registry.KINDS)}")
+
+
+def _summary_of(builder: Any) -> str:
+    doc = (getattr(builder, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    kinds = [_kind_name(args.kind)] if args.kind else list(registry.KINDS)
+    summaries = {(e.kind, e.name): e.summary for e in registry.read_index()}
+    for kind in kinds:
+        names = registry.available(kind)
+        live = registry.kind(kind).live()
+        print(f"{kind}:")
+        if not names:
+            print("  (none)")
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            summary = summaries.get((kind, name)) or _summary_of(live.get(name))
+            print(f"  {name:<{width}}  {summary}".rstrip())
+    return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> "Spec":
+    from unitrans.spec import load_spec
+
+    try:
+        return load_spec(args.spec, args.overrides)
+    except FileNotFoundError as exc:  # only the spec file itself is read here
+        raise UserError(f"{exc}" if "spec file" in str(exc) else f"spec file not found: {args.spec}") from None
+
+
+def _summary_lines(spec: "Spec") -> list[str]:
+    from unitrans.spec import resolve
+
+    resolved = resolve(spec)
+    rows: list[tuple[str, str]] = [("backbone", resolved["backbone"]["name"])]
+    if resolved["adapters"]:
+        rows += [(f"adapters[{i}]", a["name"]) for i, a in enumerate(resolved["adapters"])]
+    else:
+        rows.append(("adapters", "(none)"))
+    rows += [(slot, resolved[slot]["name"]) for slot in ("side_network", "alignment_loss", "task", "data")]
+    t = resolved["train"]
+    rows.append(
+        (
+            "train",
+            f"epochs={t['epochs']} batch_size={t['batch_size']} lr={t['lr']} precision={t['precision']}"
+            + (f" max_steps={t['max_steps']}" if t.get("max_steps") else ""),
+        )
+    )
+    rows.append(("output_dir", str(resolved["output_dir"])))
+    width = max(len(k) for k, _ in rows)
+    return [f"  {k:<{width}}  {v}" for k, v in rows]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    print(f"ok: {args.spec}")
+    if args.resolved:
+        from unitrans.spec import dump_toml
+
+        print(dump_toml(spec), end="")
+    else:
+        print("\n".join(_summary_lines(spec)))
+    return EXIT_OK
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> int:
+    """Report a missing third-party module (not a bug of unitrans itself) without a traceback."""
+    _err(
+        f"error: {exc}. Running needs the optional dependencies: pip install -e '.[torch]' "
+        "(or '.[all]' for CLIP, video and caption metrics)"
+    )
+    return EXIT_FAILED
+
+
+def _is_third_party(exc: ModuleNotFoundError) -> bool:
+    top = (exc.name or "").partition(".")[0]
+    return bool(top) and not top.startswith("unitrans")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    if args.output_dir is not None:
+        spec = spec.model_copy(update={"output_dir": str(args.output_dir)})
+    try:
+        from unitrans.engine.run import run
+    except ModuleNotFoundError as exc:
+        if _is_third_party(exc):
+            return _missing_dependency(exc)
+        raise
+    return int(run(spec) or 0)
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    try:
+        from unitrans.engine.params import params_command
+    except ModuleNotFoundError as exc:
+        if _is_third_party(exc):
+            return _missing_dependency(exc)
+        raise
+    return int(params_command(spec, as_json=args.json) or 0)
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", type=Path, help="the spec file (TOML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field, e.g. --set train.lr=1e-4 --set adapters.0.rank=32 --set side_network.name=none "
+        "(values parse as TOML, else as strings; repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation tools and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="unitrans",
+        description="Parameter-efficient fine-tuning of vision-language models: VCRA, QASN and MCAM (UniTrans).",
+    )
+    parser.add_argument("--version", action="version", version=f"unitrans {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list registered components with their summaries")
+    p.add_argument("kind", nargs="?", help=f"one kind: {', '.join(registry.KINDS)} (default: all)")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("validate", help="check a spec (all problems at once) and show its resolved components")
+    _add_spec_args(p)
+    p.add_argument("--resolved", action="store_true", help="print the whole resolved spec as TOML")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="train and evaluate as a spec says")
+    _add_spec_args(p)
+    p.add_argument("--output-dir", type=Path, default=None, help="replaces the spec's output_dir")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("params", help="count total and trainable parameters, by component")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_params)
+    return parser
+
+
+def _guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand; a user's mistake becomes lines on stderr and exit status 2, never a traceback."""
+    from unitrans.spec import SpecError  # light: pydantic only
+
+    spec_path = getattr(args, "spec", None)
+    try:
+        return func(args)
+    except SpecError as exc:
+        n = len(exc.errors)
+        where = f" {spec_path}" if spec_path is not None else ""
+        _err(f"error: invalid spec{where} ({n} problem{'s' if n != 1 else ''}):")
+        for line in exc.errors:
+            _err(f"  {line}")
+        return EXIT_USER
+    except (UserError, registry.RegistryError) as exc:
+        _err(f"error: {exc}")
+        return EXIT_USER
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``unitrans`` / ``python -m unitrans``.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 ok, 1 failed, 2 a user's mistake (bad spec, unknown name, missing file).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed what to say
+        return exc.code if isinstance(exc.code, int) else EXIT_USER
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER
+    return _guarded(args.func, args)

@@ -1,0 +1,1 @@
+"""The program around the components: build, train/evaluate loop, checkpoints, parameter accounting."""

@@ -1,0 +1,95 @@
+"""QASN: query-augmentation side network (UniTrans §3.3.1, eq. 5-6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unitrans.interfaces import SideNetwork
+
+
+class QASN(nn.Module, SideNetwork):
+    """Eq. 5-6 through hooks on the fusion blocks (which run unchanged).
+
+    A pre-hook on block i records its input ``x_i``; a forward hook updates ``h_{i+1} = h_i + x_i w_i`` and adds
+    ``f(h_{i+1})`` to the block's output. The hooks act only when a block runs in multimodal mode (with image
+    tokens); the same layers run as the unimodal text encoder untouched. Parameters per block: ``λa (r)``,
+    ``λb (d)``, ``α (d)`` (init 1), ``β (d)`` (init 0): ``r + 3d``.
+    """
+
+    def __init__(self, rank=64, filter="gate", projections="shared", projection_seed=0):
+        super().__init__()
+        self.rank, self.filter, self.projections, self.projection_seed = rank, filter, projections, projection_seed
+        self.lambda_a = nn.ParameterList()
+        self.lambda_b = nn.ParameterList()
+        self.alpha = nn.ParameterList()
+        self.beta = nn.ParameterList()
+        self._pair = None
+        self._handles: list = []
+        self._h: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._active = False
+        self.uses_shared_pair = False
+
+    def attach(self, backbone, adapters) -> None:
+        blocks = backbone.fusion_blocks()  # raises LookupError naming what the backbone declares
+        d = backbone.fusion_width()
+        device = next(blocks[0].parameters()).device
+        if self.projections == "shared":
+            for adapter in adapters:
+                pair = getattr(adapter, "pair_for_modality", lambda m: None)("C")
+                if pair is not None and pair[0].shape[1] >= d and pair[1].shape[0] >= d:
+                    self._pair, self.uses_shared_pair = pair, True
+                    self.rank = pair[0].shape[0]
+                    break
+        if self._pair is None:
+            from unitrans.adapters.vcra import VCRA
+
+            a, b = VCRA.draw_pair(self.projection_seed, 10_007, self.rank, d, d)
+            self._pair = (a.to(device), b.to(device))
+        for _ in blocks:
+            self.lambda_a.append(nn.Parameter(torch.ones(self.rank, device=device)))
+            self.lambda_b.append(nn.Parameter(torch.zeros(d, device=device)))
+            self.alpha.append(nn.Parameter(torch.ones(d, device=device)))
+            self.beta.append(nn.Parameter(torch.zeros(d, device=device)))
+        self.width = d
+        for i, block in enumerate(blocks):
+            self._handles.append(block.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(self._post_hook(i)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+            self._active = enc is not None
+            if self._active:
+                if i == 0:
+                    self._h = None  # h_0 = 0
+                self._x = args[0] if args else kwargs["hidden_states"]
+            return None
+
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, kwargs_or_output, output=None):
+            out = kwargs_or_output if output is None else output
+            if not self._active:
+                return None
+            x = self._x  # (B, L, d)
+            a, b = self._pair
+            d = self.width
+            xw = F.linear(F.linear(x, a[:, :d].to(x.dtype)) * self.lambda_a[i].to(x.dtype), b[:d].to(x.dtype))
+            xw = xw * self.lambda_b[i].to(x.dtype)  # x_i w_i: (B, L, d)
+            self._h = xw if self._h is None else self._h + xw  # eq. 5
+            z = self.alpha[i].to(x.dtype) * self._h + self.beta[i].to(x.dtype)
+            f = torch.sigmoid(z) * self._h if self.filter == "gate" else torch.sigmoid(z)
+            if isinstance(out, tuple):
+                return (out[0] + f,) + tuple(out[1:])
+            return out + f  # eq. 6
+
+        return hook

@@ -1,0 +1,121 @@
+"""Image-text retrieval: ITC (+ MCAM) and ITM training, BLIP's ITC-then-ITM evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unitrans.interfaces import Task
+
+
+def sample_negatives(sim: torch.Tensor, positives: torch.Tensor, hard: bool) -> torch.Tensor:
+    """One negative column per row of ``sim (B, G)``: by ``softmax(sim)`` (hard) or uniformly, never a positive.
+
+    A row with no negative at all (every candidate shares its image) falls back to a uniform draw.
+    """
+    weights = F.softmax(sim.float(), dim=1) + 1e-5 if hard else torch.ones_like(sim, dtype=torch.float)
+    weights = weights.masked_fill(positives, 0)
+    empty = weights.sum(dim=1) == 0
+    if empty.any():
+        weights[empty] = 1.0
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+class Retrieval(Task):
+    metric_keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+    primary_metric = "r_mean"
+
+    def __init__(self, k_test=16, rerank="itm+itc", itm_weight=1.0, negatives="hard", itm_batch=128,
+                 hard_negative_temperature=0.07):
+        self.k_test, self.rerank, self.itm_weight = k_test, rerank, itm_weight
+        self.negatives, self.itm_batch, self.hn_temp = negatives, itm_batch, hard_negative_temperature
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def training_step(self, backbone, batch, alignment):
+        device = batch["image"].device
+        tok = backbone.tokenize(batch["caption"], device)
+        image_ids = batch["image_id"].to(device)
+        image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
+        image_feat = backbone.image_feat(image_embeds)  # (B, P)
+        text_feat = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
+        losses = dict(alignment(image_feat, text_feat, image_ids)) if alignment is not None else {}
+        if self.itm_weight > 0:
+            losses["itm_loss"] = self.itm_weight * self._itm_loss(backbone, tok, image_ids, image_embeds,
+                                                                  image_feat, text_feat)
+        return losses
+
+    def _itm_loss(self, backbone, tok, image_ids, image_embeds, image_feat, text_feat):
+        b = image_embeds.shape[0]
+        with torch.no_grad():
+            sim = image_feat @ text_feat.t() / self.hn_temp  # (B, B) local batch
+            pos = image_ids[:, None] == image_ids[None, :]
+            hard = self.negatives == "hard"
+            neg_text = sample_negatives(sim, pos, hard)  # a text for each image
+            neg_image = sample_negatives(sim.t(), pos, hard)  # an image for each text
+        ids, mask = tok["input_ids"], tok["attention_mask"]
+        ids_all = torch.cat([ids, ids[neg_text], ids], dim=0)  # (3B, L)
+        mask_all = torch.cat([mask, mask[neg_text], mask], dim=0)
+        images_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]], dim=0)  # (3B, N, Dv)
+        logits = backbone.itm_logits(backbone.fuse(ids_all, mask_all, images_all))  # (3B, 2)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, backbone, dataset, batch_size, progress=False, device="cpu", collate=None, num_workers=0):
+        from torch.utils.data import DataLoader
+
+        from unitrans.metrics.retrieval import retrieval_metrics
+
+        texts = dataset.texts
+        tok = backbone.tokenize(texts, "cpu")
+        text_feats = []
+        for start in range(0, len(texts), batch_size):
+            ids = tok["input_ids"][start:start + batch_size].to(device)
+            mask = tok["attention_mask"][start:start + batch_size].to(device)
+            text_feats.append(backbone.text_feat(backbone.encode_text(ids, mask)).float().cpu())
+        text_feat = torch.cat(text_feats)  # (T, P)
+
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=num_workers)
+        image_embeds, image_feats = [], []
+        for batch in loader:
+            emb = backbone.encode_image(batch["image"].to(device))
+            image_feats.append(backbone.image_feat(emb).float().cpu())
+            image_embeds.append(emb.cpu() if self.rerank != "itc" else None)
+        image_feat = torch.cat(image_feats)  # (I, P)
+        sims = image_feat @ text_feat.t()  # (I, T)
+
+        if self.rerank == "itc":
+            s_i2t, s_t2i = sims, sims.t()
+        else:
+            embeds = torch.cat(image_embeds)  # (I, N, Dv), kept on the CPU
+            s_i2t = self._rerank(backbone, sims, embeds, tok, device, image_queries=True)
+            s_t2i = self._rerank(backbone, sims.t(), embeds, tok, device, image_queries=False)
+        return retrieval_metrics(s_i2t.numpy(), s_t2i.numpy(), dataset.img2txt, dataset.txt2img)
+
+    def _rerank(self, backbone, sims, image_embeds, tok, device, image_queries: bool):
+        """Re-score the top ``k_test`` candidates of each query (rows of ``sims``) with the ITM head.
+
+        Pairs are scored in chunks of ``itm_batch``; memory is bounded by the chunk, not by the data set.
+        """
+        n_q, n_c = sims.shape
+        k = min(self.k_test, n_c)
+        topk_sim, topk_idx = sims.topk(k, dim=1)  # (Q, k)
+        scores = torch.full((n_q, n_c), -100.0)
+        q_idx = torch.arange(n_q)[:, None].expand(n_q, k).reshape(-1)  # (Q*k,)
+        c_idx = topk_idx.reshape(-1)
+        img_idx, txt_idx = (q_idx, c_idx) if image_queries else (c_idx, q_idx)
+        out = torch.empty(n_q * k)
+        for start in range(0, n_q * k, self.itm_batch):
+            sl = slice(start, start + self.itm_batch)
+            imgs = image_embeds[img_idx[sl]].to(device)
+            ids = tok["input_ids"][txt_idx[sl]].to(device)
+            mask = tok["attention_mask"][txt_idx[sl]].to(device)
+            logits = backbone.itm_logits(backbone.fuse(ids, mask, imgs)).float()
+            out[sl] = logits[:, 1].cpu()
+        itm = out.view(n_q, k)
+        new = itm + topk_sim if self.rerank == "itm+itc" else itm
+        scores.scatter_(1, topk_idx, new)
+        return scores
