@@ -147,7 +147,7 @@ def train(built, data, spec, device, out: Path) -> dict:
     if tr.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     step, t_start, seen = 0, time.time(), 0
     window_t, window_n = time.time(), 0
     built.backbone.model.train()
