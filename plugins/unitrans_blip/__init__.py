@@ -23,6 +23,7 @@ def blip_v1(
     image_size: Annotated[int, Field(gt=0)] | None = None,
     max_text_length: Annotated[int, Field(gt=0)] = 35,
     gradient_checkpointing: bool = False,
+    random_init: bool = False,
 ):
     """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen.
 
@@ -38,6 +39,9 @@ def blip_v1(
         image_size: input resolution (default: the checkpoint's or preset's).
         max_text_length: tokenizer truncation length (BLIP uses 35 for retrieval).
         gradient_checkpointing: recompute the frozen blocks' activations in backward.
+        random_init: with ``pretrained``, build the checkpoint's architecture with random weights and no download
+            (its config from a local directory, or BLIP-base / -large sizes read off a Salesforce hub id).
+            ``unitrans params`` sets it: parameter accounting needs the architecture, not the weights.
     """
     from unitrans_blip.backbone import BlipBackbone
 
@@ -50,4 +54,5 @@ def blip_v1(
         image_size=image_size,
         max_text_length=max_text_length,
         gradient_checkpointing=gradient_checkpointing,
+        random_init=random_init,
     )

@@ -24,6 +24,9 @@ PRESETS = {
                   vinit=0.05, tinit=0.1),
     "base": dict(vw=768, vl=12, vh=12, vm=3072, img=384, patch=16, tw=768, tl=12, th=12, tm=3072, proj=256, vocab=30524,
                  vinit=0.02, tinit=0.02),
+    # BLIP-large: ViT-L/16 vision tower, BERT-base text side (not selectable as a spec preset; used by random_init)
+    "large": dict(vw=1024, vl=24, vh=16, vm=4096, img=384, patch=16, tw=768, tl=12, th=12, tm=3072, proj=256,
+                  vocab=30524, vinit=0.02, tinit=0.02),
 }
 _MODEL_CLASSES = {
     "retrieval": "BlipForImageTextRetrieval",
@@ -93,6 +96,7 @@ class BlipBackbone(Backbone):
         image_size=None,
         max_text_length=35,
         gradient_checkpointing=False,
+        random_init=False,
     ):
         import transformers
 
@@ -104,9 +108,11 @@ class BlipBackbone(Backbone):
         cls = getattr(transformers, _MODEL_CLASSES[task_model])
         self.task_model = task_model
         self.max_text_length = max_text_length
+        if preset is None and random_init:
+            preset = _architecture_of(pretrained)
         if preset is not None:
             self.tokenizer = preset_tokenizer()
-            config = preset_config(preset, self.tokenizer, image_size)
+            config = preset_config(preset, self.tokenizer, image_size) if isinstance(preset, str) else preset
             self.model = cls(config)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
@@ -232,6 +238,22 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
         pts.append(_point(f"{prefix}.mlp.fc1", i, modality, layer.intermediate.dense, f"{prefix}.{i}.mlp_in"))
         pts.append(_point(f"{prefix}.mlp.fc2", i, modality, layer.output.dense, f"{prefix}.{i}.mlp_hidden"))
     return pts
+
+
+def _architecture_of(pretrained: str):
+    """A config for ``pretrained`` without its weights: from a local directory, else by the hub id's size name."""
+    local = Path(pretrained).expanduser()
+    if (local / "config.json").is_file():
+        from transformers import BlipConfig
+
+        return BlipConfig.from_pretrained(str(local))
+    name = pretrained.lower()
+    if "base" in name:
+        return "base"
+    if "large" in name:
+        return "large"
+    raise UserError(f"backbone blip.v1: random_init needs the architecture of '{pretrained}': give a local "
+                    "directory with config.json, or a hub id whose name says base or large")
 
 
 def _token_id(tokenizer, token: str, fallback: int) -> int:
