@@ -94,3 +94,12 @@ def randomise_(params, seed: int = 0, std: float = 0.5, mean: float = 0.0) -> No
 @pytest.fixture
 def tiny_bb():
     return tiny_backbone()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (and do not slow down when other processes share the CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from unitrans.adapters import lora_v1
 from unitrans.interfaces import InjectionPoint, match_points
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _key(point: InjectionPoint) -> str:

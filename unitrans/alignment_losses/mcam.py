@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,7 @@ from unitrans.interfaces import AlignmentLoss
 def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Row-wise Jensen-Shannon divergence from log-probabilities ``(N, K)`` -> ``(N,)`` (natural log)."""
     p, q = log_p.exp(), log_q.exp()
-    log_m = torch.log((p + q) / 2).clamp_min(torch.finfo(p.dtype).min)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # log((p + q) / 2); finite where p, q underflow to 0
     return 0.5 * ((p * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
 
 

@@ -51,7 +51,6 @@ def blip_retrieval_v1(
         test_file=_abs(test_file),
         max_words=max_words,
         min_scale=min_scale,
-        p_single=p_single,
     )
 
 

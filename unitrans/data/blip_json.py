@@ -17,13 +17,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from unitrans.errors import UserError
+
 from unitrans.data.images import ImageTransform, load_image
 from unitrans.interfaces import DataModule
 
 _PUNCT = re.compile(r"[.!\"()*#:;~\-/]")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A dataset problem a user can act on; the message names the file (and entry / key)."""
 
 
