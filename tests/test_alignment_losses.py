@@ -107,7 +107,7 @@ def test_mcam_gradients_are_finite(case):
     total.backward()
     assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
     if case == "sharp_temperature":
-        assert float(out["mcam_loss"]) == pytest.approx(reference_mcam(img.detach(), txt.detach(), tau, "mean"),
+        assert out["mcam_loss"].item() == pytest.approx(reference_mcam(img.detach(), txt.detach(), tau, "mean"),
                                                         abs=1e-5)
 
 

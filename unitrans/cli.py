@@ -1,4 +1,4 @@
-"""The command line: ``python -m unitrans {list,validate,run,params}``.
+"""The command line: ``python -m unitrans {list,validate,run,params,export}``.
 
 ``list`` and ``validate`` never import torch or transformers: listing reads ``registry.toml`` and the live
 registrations; validating imports only the builder modules, which import their implementation inside the
@@ -154,6 +154,19 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return int(params_command(spec, as_json=args.json) or 0)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    try:
+        from unitrans.engine.export import export
+    except ModuleNotFoundError as exc:
+        if _is_third_party(exc):
+            return _missing_dependency(exc)
+        raise
+    out = export(spec, args.checkpoint, args.out)
+    print(f"exported the merged backbone to {out}/ (load it with the backbone's from_pretrained)")
+    return EXIT_OK
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", type=Path, help="the spec file (TOML)")
     p.add_argument(
@@ -194,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("export", help="merge trained adapters into the backbone and save_pretrained it")
+    _add_spec_args(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder holding adapter.safetensors")
+    p.add_argument("--out", type=Path, required=True, help="output directory (save_pretrained layout)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -6,7 +6,7 @@ resolves to the highest registered version, and the resolved spec pins it.
 Where names come from, in the order they are consulted:
 
 1. components already registered in this process (``@registry.adapters.register("my.v1")``);
-2. ``registry.toml`` at the repository root: the declarative index of first-party components
+2. ``registry.toml`` (in the package; the repository root links to it): the declarative index of first-party components
    (kind, name, ``module:attr``, summary). Listing reads it without importing anything heavy; a module is
    imported only when a spec names one of its components;
 3. modules named in a spec's ``plugins = [...]`` (local code) and the ``unitrans.plugins`` entry-point group
@@ -119,16 +119,6 @@ tasks = Kind("tasks")
 datasets = Kind("datasets")
 _KINDS: dict[str, Kind] = {k: globals()[k] for k in KINDS}
 
-# Modules that hold first-party builders: used when registry.toml is not beside the package (wheel installs).
-_FIRST_PARTY_MODULES = (
-    "unitrans.adapters",
-    "unitrans.side_networks",
-    "unitrans.alignment_losses",
-    "unitrans.tasks",
-    "unitrans.data",
-)
-
-
 def kind(name: str) -> Kind:
     if name not in _KINDS:
         raise RegistryError(f"unknown kind '{name}'; kinds are: {', '.join(KINDS)}")
@@ -136,7 +126,8 @@ def kind(name: str) -> Kind:
 
 
 def index_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "registry.toml"
+    """``unitrans/registry.toml``, shipped inside the package (``registry.toml`` at the repo root links to it)."""
+    return Path(__file__).resolve().parent / "registry.toml"
 
 
 _index_cache: list[IndexEntry] | None = None
@@ -224,10 +215,6 @@ def get(kind_name: str, name: str) -> Callable:
             if e.kind == kind_name and e.name == resolved:
                 _import_target(e.target.partition(":")[0])
                 break
-    if resolved not in reg:
-        if not index_path().is_file():
-            for m in _FIRST_PARTY_MODULES:
-                importlib.import_module(m)
     if resolved not in reg:
         raise UnknownComponentError(kind_name, name, available(kind_name))
     return reg.live()[resolved]

@@ -116,8 +116,10 @@ class BlipBackbone(Backbone):
             self.model = cls(config)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
-            self.model, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
+            self.model, self.processor, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
         self.image_size = image_size or self.model.config.vision_config.image_size
+        if preset is not None:
+            self.processor = _make_processor(self.tokenizer, self.image_size, self.image_mean, self.image_std)
         self.interpolate_pos = self.image_size != self.model.config.vision_config.image_size
         self.enc_token_id = _token_id(self.tokenizer, "[ENC]", self.tokenizer.cls_token_id)
         self.bos_token_id = _token_id(self.tokenizer, "[DEC]", self.tokenizer.cls_token_id)
@@ -277,6 +279,7 @@ def _load_pretrained(cls, pretrained: str):
             "Give a local directory written by save_pretrained, or a hub id on a machine that can reach the hub."
         ) from None
     mean, std = CLIP_MEAN, CLIP_STD
+    processor = None
     try:
         processor = AutoProcessor.from_pretrained(source)
         tokenizer = processor.tokenizer
@@ -288,4 +291,13 @@ def _load_pretrained(cls, pretrained: str):
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise UserError(f"backbone blip.v1: no tokenizer/processor found in '{pretrained}': {exc}") from None
-    return model, tokenizer, mean, std
+    return model, processor, tokenizer, mean, std
+
+
+def _make_processor(tokenizer, image_size: int, mean, std):
+    """A ``BlipProcessor`` for a preset, so an exported model loads with ``AutoProcessor`` like a real checkpoint."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size},
+                                         image_mean=list(mean), image_std=list(std))
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
