@@ -160,13 +160,20 @@ class Task(ABC):
     metric_keys: tuple[str, ...] = ()
     primary_metric: str = ""
 
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Refuse (``UserError``, naming both sides) a backbone that lacks what this task needs. Called at build."""
+
     @abstractmethod
     def training_step(self, backbone: Backbone, batch: Mapping[str, Any], alignment: AlignmentLoss | None):
         """Returns a dict of named scalar loss terms (their sum is optimised)."""
 
     @abstractmethod
-    def evaluate(self, backbone: Backbone, dataset: Any, batch_size: int, progress: bool = False) -> dict[str, float]:
-        ...
+    def evaluate(self, backbone: Backbone, dataset: Any, batch_size: int, *, device: Any = "cpu",
+                 collate: Any = None, num_workers: int = 0, output_dir: Any = None, split: str = "test",
+                 ) -> dict[str, float]:
+        """Metrics on ``dataset`` (keys ``metric_keys``). Runs on every rank; each rank may score a shard and
+        gather (``unitrans.distributed``); every rank returns the same dict. Files a task writes (e.g.
+        ``captions_<split>.json``) go to ``output_dir`` and are written by the main rank only."""
 
 
 @dataclass

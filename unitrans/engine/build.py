@@ -80,6 +80,9 @@ def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> B
     if not _off(spec.alignment_loss):
         names["alignment_loss"], alignment = _build("alignment_losses", spec.alignment_loss)
     names["task"], task = _build("tasks", spec.task)
+    check = getattr(task, "check_backbone", None)
+    if check is not None:
+        check(backbone)  # e.g. ITM needs a fusion network: refuse before any data is read
     data = None
     if with_data:
         names["data"], data = _build("datasets", spec.data)

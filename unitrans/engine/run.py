@@ -62,12 +62,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def evaluate(built, dataset, spec, device, collate) -> dict:
+def evaluate(built, dataset, spec, device, collate, output_dir=None) -> dict:
     built.backbone.model.eval()
     built.trainable.eval()
     with _autocast(device, spec.train.precision):
         metrics = built.task.evaluate(built.backbone, dataset, spec.eval.batch_size, device=device,
-                                      collate=collate, num_workers=spec.train.num_workers)
+                                      collate=collate, num_workers=spec.train.num_workers,
+                                      output_dir=output_dir, split=spec.eval.split)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -106,7 +107,7 @@ def run(spec) -> int:
 
     train_stats = train(built, data, spec, device, out)
 
-    metrics = evaluate(built, eval_ds, spec, device, data.collate)
+    metrics = evaluate(built, eval_ds, spec, device, data.collate, output_dir=out)
     metrics.update({"train_time_s": train_stats["train_time_s"], "steps": train_stats["steps"]})
     write_json(out / "metrics.json", metrics)
     save_adapter(built, spec, out)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unitrans.errors import UserError
 from unitrans.interfaces import Task
 
 
@@ -63,7 +64,17 @@ class Retrieval(Task):
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, backbone, dataset, batch_size, progress=False, device="cpu", collate=None, num_workers=0):
+    def check_backbone(self, backbone) -> None:
+        """ITM training and ITM re-ranking need a fusion network; say so by name when the backbone has none."""
+        if (self.itm_weight > 0 or self.rerank != "itc") and not hasattr(backbone, "fuse"):
+            raise UserError(
+                f"task retrieval.v1 with itm_weight = {self.itm_weight} and rerank = '{self.rerank}' needs an ITM "
+                f"head on a fusion network; backbone {backbone.name} has none. Set task.itm_weight = 0 and "
+                "task.rerank = 'itc' (ITC-only retrieval, as CLIP does)."
+            )
+
+    def evaluate(self, backbone, dataset, batch_size, *, device="cpu", collate=None, num_workers=0,
+                 output_dir=None, split="test"):
         from torch.utils.data import DataLoader
 
         from unitrans.metrics.retrieval import retrieval_metrics
