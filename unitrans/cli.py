@@ -1,4 +1,4 @@
-"""The command line: ``python -m unitrans {list,validate,run,params,export}``.
+"""The command line: ``python -m unitrans {list,validate,run,params,export,score}``.
 
 ``list`` and ``validate`` never import torch or transformers: listing reads ``registry.toml`` and the live
 registrations; validating imports only the builder modules, which import their implementation inside the
@@ -10,6 +10,7 @@ Examples:
     python -m unitrans validate examples/flickr30k_vcra.toml --set adapters.0.name=lora --set adapters.0.rank=32
     python -m unitrans run examples/quickstart.toml --output-dir runs/try
     python -m unitrans params examples/flickr30k_vcra.toml --json
+    python -m unitrans score caption --results runs/x/captions_test.json --annotations coco_karpathy_test_gt.json
 """
 
 from __future__ import annotations
@@ -134,12 +135,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.output_dir is not None:
         spec = spec.model_copy(update={"output_dir": str(args.output_dir)})
+    train_updates = {}
+    if args.resume:
+        train_updates["resume"] = "latest"
+    if args.nproc_per_node is not None:
+        train_updates["nproc_per_node"] = args.nproc_per_node
+    if train_updates:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update=train_updates)})
     try:
+        from unitrans.distributed import launched_by_torchrun
         from unitrans.engine.run import run
     except ModuleNotFoundError as exc:
         if _is_third_party(exc):
             return _missing_dependency(exc)
         raise
+    nproc = spec.train.nproc_per_node
+    if (nproc > 1 or str(args.nnodes) != "1") and not launched_by_torchrun():
+        from unitrans.engine.launch import launch
+
+        return launch(args.argv, nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                      rdzv_endpoint=args.rdzv_endpoint, rdzv_backend=args.rdzv_backend,
+                      max_restarts=args.max_restarts)
     return int(run(spec) or 0)
 
 
@@ -164,6 +180,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise
     out = export(spec, args.checkpoint, args.out)
     print(f"exported the merged backbone to {out}/ (load it with the backbone's from_pretrained)")
+    return EXIT_OK
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    """Score a results file against annotations and print the metrics as JSON (no torch)."""
+    import json
+
+    if args.task == "caption":
+        from unitrans.metrics.caption import score_files
+    else:
+        from unitrans.metrics.vqa import score_files
+    try:
+        metrics = score_files(args.results, args.annotations)
+    except ModuleNotFoundError as exc:
+        if _is_third_party(exc):
+            _err(f"error: {exc}")
+            return EXIT_FAILED
+        raise
+    print(json.dumps(metrics, indent=2))
     return EXIT_OK
 
 
@@ -201,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate as a spec says")
     _add_spec_args(p)
     p.add_argument("--output-dir", type=Path, default=None, help="replaces the spec's output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes on this machine (replaces train.nproc_per_node); >1 starts torchrun (DDP)")
+    p.add_argument("--nnodes", default="1", help="torchrun: number of nodes (or MIN:MAX)")
+    p.add_argument("--node-rank", type=int, default=0, help="torchrun: this node's rank")
+    p.add_argument("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--rdzv-backend", default="c10d", help="torchrun: rendezvous backend")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of the worker group")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("params", help="count total and trainable parameters, by component")
@@ -213,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder holding adapter.safetensors")
     p.add_argument("--out", type=Path, required=True, help="output directory (save_pretrained layout)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("score", help="score a results file: caption (BLEU-4, CIDEr) or vqa (VQA accuracy)")
+    p.add_argument("task", choices=("caption", "vqa"), help="caption: captions_<split>.json against a COCO-format "
+                   "ground truth; vqa: vqa_result_<split>.json against BLIP's VQA json (with answer lists)")
+    p.add_argument("--results", type=Path, required=True, help="the results JSON a run wrote")
+    p.add_argument("--annotations", type=Path, required=True, help="the ground truth JSON")
+    p.set_defaults(func=_cmd_score)
     return parser
 
 
@@ -255,4 +305,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USER
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun workers re-run
     return _guarded(args.func, args)

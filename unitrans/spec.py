@@ -150,6 +150,15 @@ class TrainSpec(BaseModel):
         log_every (int): log every this many optimiser steps.
         device (str): ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         progress (bool): show a progress bar.
+        nproc_per_node (int): processes on this machine; above 1, ``run`` starts torchrun itself (DDP).
+        checkpoint_every (int | None): write a resume checkpoint every this many steps (and at each epoch end).
+        keep_last (int): resume checkpoints kept (the best one is kept apart).
+        best_metric (str | None): keep ``checkpoints/best`` by this metric (needs ``eval.every_epoch``);
+            ``None``: the task's primary metric.
+        resume (str): ``"none"``, ``"latest"`` (continue from ``output_dir/checkpoints/latest`` when present) or
+            a checkpoint folder.
+        find_unused_parameters (bool): DDP option, for components whose parameters skip some steps.
+        tensorboard (bool): also log to TensorBoard (``output_dir/tb``) when it is installed.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -168,6 +177,13 @@ class TrainSpec(BaseModel):
     log_every: PositiveInt = 10
     device: str = "auto"
     progress: bool = True
+    nproc_per_node: PositiveInt = 1
+    checkpoint_every: PositiveInt | None = None
+    keep_last: PositiveInt = 2
+    best_metric: str | None = None
+    resume: str = "none"
+    find_unused_parameters: bool = True
+    tensorboard: bool = True
 
     @field_validator("grad_accum")
     @classmethod

@@ -11,6 +11,7 @@ is requested.
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -121,12 +122,20 @@ class RetrievalTrainDataset(torch.utils.data.Dataset):
             idx = self.image_ids.setdefault(raw_id, len(self.image_ids))
             self.annotation.append((self.image_root / image, pre_caption(caption, max_words), idx))
 
+        self.seed, self.epoch = 0, 0
+
     def __len__(self) -> int:
         return len(self.annotation)
 
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Augmentation randomness becomes a function of (seed, epoch, item): the same on every rank count,
+        with any number of workers, and after a resume."""
+        self.seed, self.epoch = seed, epoch
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, caption, image_id = self.annotation[i]
-        image = self.transform(load_image(path))  # (3, H, W)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        image = self.transform(load_image(path), rng)  # (3, H, W)
         return {"image": image, "caption": caption, "image_id": image_id}
 
 

@@ -118,12 +118,13 @@ class ImageTransform:
         self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
         self.std = torch.tensor([float(s) for s in std], dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Args: an image (any mode; converted to RGB). Returns: FloatTensor ``(3, S, S)``."""
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """Args: an image (any mode; converted to RGB) and the random generator of the crop (default: the
+        ``random`` module's). Returns: FloatTensor ``(3, S, S)``."""
         if img.mode != "RGB":
             img = img.convert("RGB")
         size = (self.image_size, self.image_size)
-        box = random_resized_crop_box(img.width, img.height, self.min_scale) if self.train else None
+        box = random_resized_crop_box(img.width, img.height, self.min_scale, rng) if self.train else None
         img = img.resize(size, Image.BICUBIC, box=box)
         arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
         x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)

@@ -70,3 +70,73 @@ def load_adapter(built, directory: Path) -> None:
     with torch.no_grad():
         for k, t in target.items():
             t.copy_(saved[k].to(t.device, t.dtype))
+
+
+# ---- resume checkpoints -----------------------------------------------------------------------------------------
+# checkpoints/step_00000120/{state.pt, COMPLETE}  written as .step_00000120.tmp-PID/ then renamed: a reader sees a
+# whole checkpoint or none. checkpoints/latest names the newest complete one (itself replaced atomically).
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_resume_checkpoint(root: Path, name: str, payload: dict, keep_last: int | None = None,
+                           update_latest: bool = True) -> Path:
+    """Write ``payload`` (tensors, optimizer state, RNG, position) as ``root/name`` atomically."""
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _atomic_write_bytes(tmp / "COMPLETE", json.dumps({"step": payload.get("step")}).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # e.g. "best" replaced by a better one
+        old = root / f".{name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if update_latest:
+        _atomic_write_bytes(root / "latest", name.encode())
+    if keep_last:
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file())
+        for p in steps[:-keep_last]:
+            if p.name != name:
+                shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def find_resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete ``step_*``; ``None`` when there is none."""
+    root = Path(root)
+    latest = root / "latest"
+    if latest.is_file():
+        cand = root / latest.read_text().strip()
+        if (cand / "COMPLETE").is_file():
+            return cand
+    steps = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+    return steps[-1] if steps else None
+
+
+def load_resume_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not (path / "COMPLETE").is_file():
+        raise UserError(f"{path} is not a complete checkpoint (no COMPLETE marker: the write was interrupted)")
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)

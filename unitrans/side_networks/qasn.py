@@ -27,9 +27,11 @@ class QASN(nn.Module, SideNetwork):
         self.beta = nn.ParameterList()
         self._pair = None
         self._handles: list = []
-        self._h: torch.Tensor | None = None
-        self._x: torch.Tensor | None = None
-        self._active = False
+        # Per-forward state keyed by block index, so a block recomputed alone (gradient checkpointing) finds
+        # exactly the inputs it had: its x_i and h_i.
+        self._x: dict[int, torch.Tensor] = {}
+        self._h: dict[int, torch.Tensor | None] = {}
+        self._active: dict[int, bool] = {}
         self.uses_shared_pair = False
 
     def attach(self, backbone, adapters) -> None:
@@ -66,11 +68,11 @@ class QASN(nn.Module, SideNetwork):
     def _pre_hook(self, i: int):
         def hook(module, args, kwargs):
             enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-            self._active = enc is not None
-            if self._active:
+            self._active[i] = enc is not None
+            if enc is not None:
                 if i == 0:
-                    self._h = None  # h_0 = 0
-                self._x = args[0] if args else kwargs["hidden_states"]
+                    self._x, self._h = {}, {0: None}  # h_0 = 0
+                self._x[i] = args[0] if args else kwargs["hidden_states"]
             return None
 
         return hook
@@ -78,16 +80,18 @@ class QASN(nn.Module, SideNetwork):
     def _post_hook(self, i: int):
         def hook(module, args, kwargs_or_output, output=None):
             out = kwargs_or_output if output is None else output
-            if not self._active:
+            if not self._active.get(i):
                 return None
-            x = self._x  # (B, L, d)
+            x = self._x[i]  # (B, L, d)
             a, b = self._pair
             d = self.width
             xw = F.linear(F.linear(x, a[:, :d].to(x.dtype)) * self.lambda_a[i].to(x.dtype), b[:d].to(x.dtype))
             xw = xw * self.lambda_b[i].to(x.dtype)  # x_i w_i: (B, L, d)
-            self._h = xw if self._h is None else self._h + xw  # eq. 5
-            z = self.alpha[i].to(x.dtype) * self._h + self.beta[i].to(x.dtype)
-            f = torch.sigmoid(z) * self._h if self.filter == "gate" else torch.sigmoid(z)
+            h_prev = self._h.get(i)
+            h = xw if h_prev is None else h_prev + xw  # eq. 5: h_{i+1} = h_i + x_i w_i
+            self._h[i + 1] = h
+            z = self.alpha[i].to(x.dtype) * h + self.beta[i].to(x.dtype)
+            f = torch.sigmoid(z) * h if self.filter == "gate" else torch.sigmoid(z)
             if isinstance(out, tuple):
                 return (out[0] + f,) + tuple(out[1:])
             return out + f  # eq. 6

@@ -63,7 +63,6 @@ class Retrieval(Task):
         return F.cross_entropy(logits.float(), labels)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def check_backbone(self, backbone) -> None:
         """ITM training and ITM re-ranking need a fusion network; say so by name when the backbone has none."""
         if (self.itm_weight > 0 or self.rerank != "itc") and not hasattr(backbone, "fuse"):
@@ -73,8 +72,11 @@ class Retrieval(Task):
                 "task.rerank = 'itc' (ITC-only retrieval, as CLIP does)."
             )
 
+    @torch.no_grad()
     def evaluate(self, backbone, dataset, batch_size, *, device="cpu", collate=None, num_workers=0,
                  output_dir=None, split="test"):
+        """BLIP's evaluation. Every rank encodes all images and texts (the cheap part); the ITM re-ranking of the
+        queries (the expensive part) is sharded across ranks and the score rows are summed back together."""
         from torch.utils.data import DataLoader
 
         from unitrans.metrics.retrieval import retrieval_metrics
@@ -109,24 +111,30 @@ class Retrieval(Task):
     def _rerank(self, backbone, sims, image_embeds, tok, device, image_queries: bool):
         """Re-score the top ``k_test`` candidates of each query (rows of ``sims``) with the ITM head.
 
-        Pairs are scored in chunks of ``itm_batch``; memory is bounded by the chunk, not by the data set.
+        Pairs are scored in chunks of ``itm_batch``; memory is bounded by the chunk, not by the data set. Rank r
+        scores the queries r, r + W, r + 2W, ...; the rows are then summed across ranks (each row has one owner).
         """
+        from unitrans import distributed as dist
+
         n_q, n_c = sims.shape
         k = min(self.k_test, n_c)
-        topk_sim, topk_idx = sims.topk(k, dim=1)  # (Q, k)
-        scores = torch.full((n_q, n_c), -100.0)
-        q_idx = torch.arange(n_q)[:, None].expand(n_q, k).reshape(-1)  # (Q*k,)
+        owned = torch.arange(dist.rank(), n_q, dist.world_size())  # (Q_r,)
+        topk_sim, topk_idx = sims[owned].topk(k, dim=1)  # (Q_r, k)
+        q_idx = owned[:, None].expand(len(owned), k).reshape(-1)  # (Q_r*k,)
         c_idx = topk_idx.reshape(-1)
         img_idx, txt_idx = (q_idx, c_idx) if image_queries else (c_idx, q_idx)
-        out = torch.empty(n_q * k)
-        for start in range(0, n_q * k, self.itm_batch):
+        out = torch.empty(len(q_idx))
+        for start in range(0, len(q_idx), self.itm_batch):
             sl = slice(start, start + self.itm_batch)
             imgs = image_embeds[img_idx[sl]].to(device)
             ids = tok["input_ids"][txt_idx[sl]].to(device)
             mask = tok["attention_mask"][txt_idx[sl]].to(device)
             logits = backbone.itm_logits(backbone.fuse(ids, mask, imgs)).float()
             out[sl] = logits[:, 1].cpu()
-        itm = out.view(n_q, k)
+        itm = out.view(len(owned), k)
         new = itm + topk_sim if self.rerank == "itm+itc" else itm
-        scores.scatter_(1, topk_idx, new)
-        return scores
+        rows = torch.full((len(owned), n_c), -100.0)  # BLIP's floor for candidates outside the top k
+        rows.scatter_(1, topk_idx, new)
+        scores = torch.zeros(n_q, n_c)
+        scores[owned] = rows
+        return dist.all_reduce_sum(scores.to(device)).cpu()
