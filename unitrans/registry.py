@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 
 import catalogue
 
+from unitrans.errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -34,10 +36,12 @@ else:  # pragma: no cover
 
 KINDS: tuple[str, ...] = ("backbones", "adapters", "side_networks", "alignment_losses", "tasks", "datasets")
 ENTRY_POINT_GROUP = "unitrans.plugins"
+SINGULAR = {"backbones": "backbone", "adapters": "adapter", "side_networks": "side network",
+            "alignment_losses": "alignment loss", "tasks": "task", "datasets": "dataset"}
 _VERSIONED = re.compile(r"^(?P<base>[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*?)\.v(?P<version>\d+)$")
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A registration or lookup problem a user can act on."""
 
 
@@ -52,7 +56,7 @@ class UnknownComponentError(RegistryError):
         hint = f" Did you mean '{close[0]}'?" if close else ""
         listing = ", ".join(available) if available else "(none)"
         super().__init__(
-            f"unknown {kind[:-1].replace('_', ' ')} '{name}'.{hint} Available: {listing}. "
+            f"unknown {SINGULAR.get(kind, kind)} '{name}'.{hint} Available: {listing}. "
             f"Names come from registry.toml (first-party), the '{ENTRY_POINT_GROUP}' entry-point group "
             f"(installed plugins) and the spec's `plugins = [\"module\"]` list."
         )
