@@ -1,4 +1,4 @@
-"""The command line: ``python -m unitrans {list,validate,run,params,export,score}``.
+"""The command line: ``python -m unitrans {list,validate,run,sweep,params,export,score}``.
 
 ``list`` and ``validate`` never import torch or transformers: listing reads ``registry.toml`` and the live
 registrations; validating imports only the builder modules, which import their implementation inside the
@@ -10,6 +10,7 @@ Examples:
     python -m unitrans validate examples/flickr30k_vcra.toml --set adapters.0.name=lora --set adapters.0.rank=32
     python -m unitrans run examples/quickstart.toml --output-dir runs/try
     python -m unitrans params examples/flickr30k_vcra.toml --json
+    python -m unitrans sweep examples/ablation/table8_small.toml --seeds 0,1,2
     python -m unitrans score caption --results runs/x/captions_test.json --annotations coco_karpathy_test_gt.json
 """
 
@@ -107,7 +108,13 @@ def _summary_lines(spec: "Spec") -> list[str]:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
-    print(f"ok: {args.spec}")
+    if spec.sweep is not None:  # every variant of a sweep must be a valid spec too (all problems at once)
+        from unitrans.engine.sweep import load_sweep
+
+        n = len(load_sweep(args.spec, args.overrides).variants)
+        print(f"ok: {args.spec} ({n} sweep variant{'s' if n != 1 else ''})")
+    else:
+        print(f"ok: {args.spec}")
     if args.resolved:
         from unitrans.spec import dump_toml
 
@@ -157,6 +164,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       rdzv_endpoint=args.rdzv_endpoint, rdzv_backend=args.rdzv_backend,
                       max_restarts=args.max_restarts)
     return int(run(spec) or 0)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run every variant x seed of a sweep in its own subprocess, then write results.{md,json,csv} and plots."""
+    from unitrans.engine.sweep import load_sweep, parse_seeds, run_sweep
+
+    try:
+        sweep = load_sweep(args.spec, args.overrides, grid_args=args.grid,
+                           seeds=parse_seeds(args.seeds) if args.seeds else None, output_dir=args.output_dir,
+                           only=[n.strip() for n in args.only.split(",") if n.strip()] if args.only else ())
+    except FileNotFoundError:
+        raise UserError(f"spec file not found: {args.spec}") from None
+    if args.dry_run:
+        for v in sweep.variants:
+            print(f"{v.name}: {v.overrides or '(the spec as written)'}")
+        print(f"seeds: {sweep.seeds}; output: {sweep.output_dir}/<variant>/seed<k>")
+        return EXIT_OK
+    return run_sweep(sweep, plots=not args.no_plots)
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -245,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-backend", default="c10d", help="torchrun: rendezvous backend")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of the worker group")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run a spec's variants x seeds (ablations, grids); tabulate and plot them")
+    _add_spec_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="cross the variants with these values, e.g. --grid adapters.0.rank=16,32,64 (repeatable; "
+                   "replaces the same key of [sweep.grid])")
+    p.add_argument("--seeds", default=None, metavar="S1,S2", help="seeds, e.g. 0,1,2 (replaces [sweep] seeds)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="the sweep's folder (default: the spec's output_dir); runs go to <dir>/<variant>/seed<k>")
+    p.add_argument("--only", default=None, metavar="V1,V2", help="run only these variants")
+    p.add_argument("--no-plots", action="store_true", help="write the results tables only")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the variants; run nothing")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("params", help="count total and trainable parameters, by component")
     _add_spec_args(p)

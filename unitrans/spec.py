@@ -57,6 +57,7 @@ __all__ = [
     "EvalSpec",
     "Spec",
     "SpecError",
+    "SweepSpec",
     "TrainSpec",
     "apply_overrides",
     "builder_schema",
@@ -215,6 +216,58 @@ class EvalSpec(BaseModel):
     every_epoch: bool = False
 
 
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+class SweepSpec(BaseModel):
+    """The variants of a sweep (``unitrans sweep``); ``unitrans run`` ignores this table.
+
+    Each variant is the spec with a set of dotted overrides (keys as ``--set`` takes them). Named variants and a
+    grid combine: every named variant (or the spec itself when there are none) crosses every grid point.
+
+    Attributes:
+        variants (dict[str, dict]): variant name (a folder name) -> ``{"adapters.0.name": "lora", ...}``.
+        grid (dict[str, list]): dotted key -> values; the cartesian product of the lists.
+        seeds (list[int]): each variant runs once per seed (empty: the spec's ``seed``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=list)
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _dotted_grid(cls, value: Any) -> Any:
+        """``adapters.0.rank = [...]`` (unquoted: nested tables) means ``"adapters.0.rank" = [...]``."""
+
+        def flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, item in table.items():
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                out.update(flat(item, dotted) if isinstance(item, Mapping) else {dotted: item})
+            return out
+
+        return flat(value) if isinstance(value, Mapping) else value
+
+    @field_validator("variants")
+    @classmethod
+    def _folder_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [name for name in value if not _VARIANT_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"variant names become folder names: use letters, digits and _ . + = - "
+                             f"(got {', '.join(repr(b) for b in bad)})")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct (got {value})")
+        return value
+
+
 def _default_alignment_loss() -> ComponentSpec:
     return ComponentSpec(name=DEFAULT_ALIGNMENT_LOSS)
 
@@ -236,6 +289,7 @@ class Spec(BaseModel):
         data (ComponentSpec): registry kind ``datasets``.
         train (TrainSpec): optimisation settings.
         eval (EvalSpec): evaluation settings.
+        sweep (SweepSpec | None): the variants ``unitrans sweep`` runs (ignored by ``run``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -251,6 +305,7 @@ class Spec(BaseModel):
     data: ComponentSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    sweep: SweepSpec | None = None
 
     @field_validator("backbone", "task", "data", mode="before")
     @classmethod
@@ -279,7 +334,8 @@ class Spec(BaseModel):
 
 
 #: Models that forbid extra keys, by their (index-free) location; for "Allowed: ..." in error lines.
-_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {(): Spec, ("train",): TrainSpec, ("eval",): EvalSpec}
+_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {(): Spec, ("train",): TrainSpec, ("eval",): EvalSpec,
+                                                      ("sweep",): SweepSpec}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,15 +633,19 @@ def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[di
     data = copy.deepcopy(data)
     errors: list[str] = []
     for raw in overrides:
-        where = f"--set {raw!r}"
-        key, sep, text = raw.partition("=")
+        if isinstance(raw, tuple):  # (dotted key, typed value), e.g. a sweep variant's override
+            key, sep, text = str(raw[0]), "=", ""
+            where = f"{key!r}"
+        else:
+            where = f"--set {raw!r}"
+            key, sep, text = raw.partition("=")
         key = key.strip()
         parts = key.split(".")
         if not sep or not key or any(not p.strip() for p in parts):
             errors.append(f"{where} -> (syntax): expected dotted.path=value, e.g. train.lr=1e-4 or adapters.0.rank=32")
             continue
         parts = [p.strip() for p in parts]
-        value = _parse_value(text.strip())
+        value = copy.deepcopy(raw[1]) if isinstance(raw, tuple) else _parse_value(text.strip())
         node: Any = data
         done: list[Any] = []
         for depth, part in enumerate(parts):
@@ -638,7 +698,8 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
     Args:
         data: the spec as a dict.
-        overrides: ``["train.lr=1e-4", "adapters.0.rank=32"]``.
+        overrides: ``["train.lr=1e-4", "adapters.0.rank=32"]``; an item may also be a ``(dotted key, value)``
+            pair whose value is already typed (a sweep variant's overrides).
 
     Returns:
         The new dict.

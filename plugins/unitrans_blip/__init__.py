@@ -24,6 +24,8 @@ def blip_v1(
     max_text_length: Annotated[int, Field(gt=0)] = 35,
     gradient_checkpointing: bool = False,
     random_init: bool = False,
+    temporal_embedding: bool = False,
+    max_frames: Annotated[int, Field(gt=0)] = 32,
 ):
     """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen.
 
@@ -42,6 +44,10 @@ def blip_v1(
         random_init: with ``pretrained``, build the checkpoint's architecture with random weights and no download
             (its config from a local directory, or BLIP-base / -large sizes read off a Salesforce hub id).
             ``unitrans params`` sets it: parameter accounting needs the architecture, not the weights.
+        temporal_embedding: for video input ``(B, T, 3, H, W)``, a learned ``(max_frames, D_vision)`` embedding
+            added to every input token of frame t before the vision encoder (zero-init: identity at init); it
+            trains, and counts under the backbone. Without it the frames are an unordered set to the model.
+        max_frames: the most frames a video may have with ``temporal_embedding``.
     """
     from unitrans_blip.backbone import BlipBackbone
 
@@ -55,4 +61,6 @@ def blip_v1(
         max_text_length=max_text_length,
         gradient_checkpointing=gradient_checkpointing,
         random_init=random_init,
+        temporal_embedding=temporal_embedding,
+        max_frames=max_frames,
     )

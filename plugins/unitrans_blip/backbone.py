@@ -97,6 +97,8 @@ class BlipBackbone(Backbone):
         max_text_length=35,
         gradient_checkpointing=False,
         random_init=False,
+        temporal_embedding=False,
+        max_frames=32,
     ):
         import transformers
 
@@ -132,6 +134,11 @@ class BlipBackbone(Backbone):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._points: list[InjectionPoint] | None = None
+        self.max_frames = max_frames
+        if temporal_embedding:
+            # (max_frames, Dv), zero-init: identity at init. On the model, so it moves, counts and saves with it.
+            width = self.model.config.vision_config.hidden_size
+            self.model.temporal_embedding = nn.Parameter(torch.zeros(max_frames, width))
 
     # ---- structure -------------------------------------------------------------------------------------------
     def _submodule(self, path: str) -> nn.Module:
@@ -186,9 +193,43 @@ class BlipBackbone(Backbone):
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> image tokens ``(B, N, Dv)``."""
-        out = self.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos)
-        return out.last_hidden_state
+        """``(B, 3, H, W)`` -> image tokens ``(B, N, Dv)``; a video ``(B, T, 3, H, W)`` -> ``(B, T*N, Dv)``.
+
+        A video's T frames run through the vision encoder as one batch of B*T images; the optional temporal
+        embedding ``e_t`` is added to every input token (patch + position embedding) of frame t, so each frame is
+        encoded knowing its place in time (added after the encoder instead, it would only shift the mean [CLS] by
+        a constant and ITC would stay blind to the frames' order). The frames' tokens are concatenated, and
+        token 0 (frame 0's [CLS]) is replaced by the mean of the frames' [CLS] tokens. So :meth:`image_feat`
+        gives the ITC feature of the mean [CLS] (``vision_proj`` is affine: the mean of the frames' projections,
+        then normalised), :meth:`fuse` cross-attends over every frame's tokens, and a one-frame video gives
+        exactly the image's tokens.
+        """
+        if pixel_values.dim() != 5:
+            out = self.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos)
+            return out.last_hidden_state
+        b, t = pixel_values.shape[:2]
+        temporal = getattr(self.model, "temporal_embedding", None)
+        hook = None
+        if temporal is not None:
+            if t > temporal.shape[0]:
+                raise UserError(f"backbone blip.v1: a video of {t} frames exceeds max_frames = "
+                                f"{temporal.shape[0]} of the temporal embedding; raise backbone.max_frames")
+
+            def add_time(module, args, out):  # out: (B*T, N, Dv) input tokens of the encoder
+                e = temporal[:t].to(out.dtype)[None, :, None, :]  # (1, T, 1, Dv)
+                return (out.reshape(b, t, *out.shape[1:]) + e).flatten(0, 1)
+
+            hook = self.model.vision_model.embeddings.register_forward_hook(add_time)
+        try:
+            frames = self.model.vision_model(pixel_values=pixel_values.flatten(0, 1),
+                                             interpolate_pos_encoding=self.interpolate_pos).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        tokens = frames.reshape(b, t, *frames.shape[1:])  # (B, T, N, Dv)
+        cls = tokens[:, :, 0].mean(dim=1)  # (B, Dv)
+        tokens = tokens.flatten(1, 2)  # (B, T*N, Dv)
+        return torch.cat([cls[:, None], tokens[:, 1:]], dim=1)
 
     def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC feature of the [CLS] token: ``(B, P)``."""

@@ -17,6 +17,20 @@ def _safe(key: str) -> str:
     return key.replace(".", "_")
 
 
+def _whole_module(group: list[InjectionPoint]) -> InjectionPoint | None:
+    """For slices of one fused linear that tile all its rows with one modality, a point covering the
+    whole linear (the hub then adds one update); otherwise ``None``."""
+    if len(group) < 2 or any(p.out_slice is None for p in group):
+        return None
+    p0, rows = group[0], sorted((p.out_slice.start, p.out_slice.stop) for p in group)
+    if rows[0][0] != 0 or rows[-1][1] != p0.module.out_features or any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
+        return None
+    if len({(p.modality, p.in_features) for p in group}) != 1:
+        return None
+    return InjectionPoint(p0.name, p0.layer, p0.modality, p0.module, None, p0.in_features, p0.module.out_features,
+                          p0.input_group, p0.attention)
+
+
 class VCRA(nn.Module, Adapter):
     """Eq. 4: ``VCRA(x^M) = W0 x^M + s_M · diag(λb) B diag(λa) A x^M``, ``M ∈ {V, T, C}``.
 
@@ -32,7 +46,10 @@ class VCRA(nn.Module, Adapter):
       scaled so ``B A x`` keeps the magnitude of ``x``).
     * ``A x`` is computed once per input and pair: q, k and v of one attention read the same input, and the
       forward hooks of their linears find it in a one-entry cache keyed on the input tensor object, the
-      version counter of A and the grad mode.
+      version counter of A and the grad mode. The scalings fold into ``B`` (``s·diag(λb) B diag(λa)``, an
+      ``(d_out, r)`` matrix), so a point costs one ``F.linear`` of ``A x`` and no full-size elementwise work; k
+      and v sharing their λ pair and input get one update computed once; the three slices of a fused qkv get one
+      ``F.linear`` with their folded ``B`` stacked.
 
     Parameter count with ``share="all"``, N points of width d, k/v scalings not shared:
     ``2·d·r + N·(d + r) + #modalities`` (the paper's Θ, plus the scalars ``s``).
@@ -65,7 +82,8 @@ class VCRA(nn.Module, Adapter):
         self.points: list[InjectionPoint] = []
         self._pair_of: dict[str, str] = {}  # point id -> pair key
         self._scaling_of: dict[str, str] = {}  # point id -> scaling key
-        self._cache: dict[str, tuple] = {}
+        self._cache: dict = {}  # pair key -> (x, state, A x); ("out", scaling key) -> (x, state, update)
+        self._kv_shared: set[str] = set()  # scaling keys used by more than one point (k and v of an attention)
         self.pair_modalities: dict[str, set[str]] = {}
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -109,8 +127,21 @@ class VCRA(nn.Module, Adapter):
                 self.scale[p.modality] = nn.Parameter(torch.tensor(float(self.scale_init), device=device))
             self._pair_of[p.id] = self.pair_key(p)
             self._scaling_of[p.id] = sk
-            injection.add_delta(self, p, self._delta_fn(p))
             self.points.append(p)
+        users: dict[str, int] = {}
+        for p in points:
+            users[self._scaling_of[p.id]] = users.get(self._scaling_of[p.id], 0) + 1
+        self._kv_shared = {sk for sk, n in users.items() if n > 1}
+        by_module: dict[int, list[InjectionPoint]] = {}
+        for p in points:
+            by_module.setdefault(id(p.module), []).append(p)
+        for group in by_module.values():
+            whole = _whole_module(group) if len({self._pair_of[p.id] for p in group}) == 1 else None
+            if whole is not None:  # a fused qkv whose rows are all targeted: one F.linear for the three slices
+                injection.add_delta(self, whole, self._fused_delta_fn(group))
+            else:
+                for p in group:
+                    injection.add_delta(self, p, self._delta_fn(p))
 
     @staticmethod
     def draw_pair(seed: int, index: int, rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,14 +175,50 @@ class VCRA(nn.Module, Adapter):
         self._cache[key] = (x, state, ax)
         return ax
 
+    def _folded_b(self, p: InjectionPoint) -> torch.Tensor:
+        """``s · diag(λb) B diag(λa)`` of a point, ``(d_out, r)``: the scalings act on the small matrix, never on
+        a ``(..., d_out)`` activation (no full-size multiply in forward, nothing full-size saved for backward)."""
+        sk = _safe(self._scaling_of[p.id])
+        b = self.pair(self._pair_of[p.id])[1][: p.out_features]
+        return b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
+
+    def _params_state(self, p: InjectionPoint) -> tuple:
+        a, b = self.pair(self._pair_of[p.id])
+        sk = _safe(self._scaling_of[p.id])
+        return (a._version, b._version, self.lambda_a[sk]._version, self.lambda_b[sk]._version,
+                self.scale[p.modality]._version, torch.is_grad_enabled())
+
     def _delta_fn(self, p: InjectionPoint):
-        pair, sk, d_in, d_out, m = self._pair_of[p.id], _safe(self._scaling_of[p.id]), p.in_features, p.out_features, p.modality
+        pair, sk, d_in = self._pair_of[p.id], self._scaling_of[p.id], p.in_features
+        reuse = sk in self._kv_shared  # k and v of one attention read one input and share λ: equal updates
 
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., d_out)
-            ax = self._project(pair, x, d_in)
-            b = self.pair(pair)[1]
-            la, lb, s = self.lambda_a[sk], self.lambda_b[sk], self.scale[m]
-            return F.linear(ax * la.to(x.dtype), b[:d_out].to(x.dtype)) * (lb * s).to(x.dtype)
+            if reuse:
+                hit = self._cache.pop(("out", sk), None)
+                if hit is not None and hit[0] is x and hit[1] == (pair, d_in, self._params_state(p)):
+                    return hit[2]
+            ax = self._project(pair, x, d_in)  # (..., r), shared by q, k, v
+            out = F.linear(ax, self._folded_b(p).to(x.dtype))
+            if reuse:
+                self._cache[("out", sk)] = (x, (pair, d_in, self._params_state(p)), out)
+            return out
+
+        return delta
+
+    def _fused_delta_fn(self, group: list[InjectionPoint]):
+        """One update for every row of a fused linear (BLIP's vision qkv): ``A x`` once, then one ``F.linear``
+        with the points' folded ``B`` stacked in row order (shared k/v scalings folded once)."""
+        group = sorted(group, key=lambda p: p.out_slice.start)
+        pair, d_in = self._pair_of[group[0].id], group[0].in_features
+
+        def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., sum of d_out)
+            folded: dict[str, torch.Tensor] = {}
+            for p in group:
+                sk = self._scaling_of[p.id]
+                if sk not in folded:
+                    folded[sk] = self._folded_b(p)
+            w = torch.cat([folded[self._scaling_of[p.id]] for p in group])  # (d_out_total, r)
+            return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
 
         return delta
 
