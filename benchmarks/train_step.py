@@ -233,7 +233,7 @@ def main(argv=None) -> int:
               f"device {args.device}; median of {args.steps} steps x {args.rounds} interleaved rounds after "
               f"{args.warmup} warm-up steps; memory = {mem_metric}")
     cols = [("config", "config", ""), ("trainable", "# trainable", ","), ("step_s", "step (s)", ".3f"),
-            ("time_vs_full", "x full", ".2f"), ("time_vs_floor", "x floor", ".2f"),
+            ("min_s", "min (s)", ".3f"), ("time_vs_full", "x full", ".2f"), ("time_vs_floor", "x floor", ".2f"),
             ("time_vs_peft_vera", "x PEFT VeRA", ".2f"), ("time_vs_peft_lora", "x PEFT LoRA", ".2f"),
             ("peak_mib", "peak mem (MiB)", ".0f"), ("mem_vs_full", "mem x full", ".2f")]
     print(header)

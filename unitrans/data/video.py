@@ -233,7 +233,7 @@ class VideoTransform:
 
 
 def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps: int = 8,
-                codec: str = "libx264", crf: int = 18) -> None:
+                codec: str = "libx264", crf: int = 18, gop: int | None = None) -> None:
     """Writes ``uint8`` RGB frames ``(T, H, W, 3)`` (even H and W) as an MP4 with PyAV (tests, generators).
 
     Args:
@@ -242,6 +242,7 @@ def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps
         fps: frame rate.
         codec: ``libx264`` or ``mpeg4``.
         crf: libx264 quality (lower: closer to the input).
+        gop: frames between keyframes (``None``: the codec's default; 250 for libx264).
     """
     import os
 
@@ -254,6 +255,8 @@ def write_video(path: str | Path, frames: np.ndarray | Sequence[np.ndarray], fps
     with av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = int(gop)
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "veryfast"}
         else:
