@@ -48,7 +48,7 @@ def _questions(colour: str, shape: str, direction: str) -> list[tuple[str, str]]
 
 def _clip(rng: random.Random, size: int, num_frames: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(DIRECTIONS)
-    r = rng.uniform(0.12, 0.17) * size
+    r = rng.uniform(0.16, 0.22) * size
     lo, hi = r + 1, size - r - 1
     span = rng.uniform(0.6, 1.0) * (hi - lo)
     a = rng.uniform(lo, hi - span)

@@ -142,7 +142,8 @@ def open_video(path: str | Path, size: int | None = None, num_threads: int = 1):
         if len(vr) == 0:
             raise RuntimeError("no frames")
     except (RuntimeError, decord.DECORDError) as exc:  # decord raises plain RuntimeError for unreadable files
-        raise _data_error(f"cannot read video {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _data_error(f"cannot read video {path}: {reason}") from None
     return vr
 
 
