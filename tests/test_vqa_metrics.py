@@ -60,3 +60,13 @@ def test_vqa_metrics_mean_times_100_and_skips_unanswered():
     m = vqa_metrics(results, anns)
     assert m["vqa_acc"] == pytest.approx(100 * (1.0 + 0.3) / 2)
     assert m["n_scored"] == 2
+
+
+def test_exact_match_acc_against_the_majority_answer():
+    """``acc`` (MSRVTT-QA's metric): exact match with the most common human answer, after normalisation."""
+    from unitrans.metrics.vqa import vqa_metrics
+
+    annotations = {1: ["two"] * 7 + ["3"] * 3, 2: ["dog"], 3: ["red", "red", "blue"]}
+    results = {1: "2", 2: "the dog", 3: "blue"}
+    m = vqa_metrics(results, annotations)
+    assert m["acc"] == 100.0 * 2 / 3  # q1: "2" == "two" normalised; q2: articles dropped; q3: majority is red

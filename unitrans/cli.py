@@ -149,13 +149,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         train_updates["nproc_per_node"] = args.nproc_per_node
     if train_updates:
         spec = spec.model_copy(update={"train": spec.train.model_copy(update=train_updates)})
-    try:
-        from unitrans.distributed import launched_by_torchrun
-        from unitrans.engine.run import run
-    except ModuleNotFoundError as exc:
-        if _is_third_party(exc):
-            return _missing_dependency(exc)
-        raise
+    from unitrans.distributed import launched_by_torchrun
+    from unitrans.engine.run import run
+
     nproc = spec.train.nproc_per_node
     if (nproc > 1 or str(args.nnodes) != "1") and not launched_by_torchrun():
         from unitrans.engine.launch import launch
@@ -186,23 +182,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_params(args: argparse.Namespace) -> int:
     spec = _load(args)
-    try:
-        from unitrans.engine.params import params_command
-    except ModuleNotFoundError as exc:
-        if _is_third_party(exc):
-            return _missing_dependency(exc)
-        raise
+    from unitrans.engine.params import params_command
+
     return int(params_command(spec, as_json=args.json) or 0)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     spec = _load(args)
-    try:
-        from unitrans.engine.export import export
-    except ModuleNotFoundError as exc:
-        if _is_third_party(exc):
-            return _missing_dependency(exc)
-        raise
+    from unitrans.engine.export import export
+
     out = export(spec, args.checkpoint, args.out)
     print(f"exported the merged backbone to {out}/ (load it with the backbone's from_pretrained)")
     return EXIT_OK
@@ -216,13 +204,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         from unitrans.metrics.caption import score_files
     else:
         from unitrans.metrics.vqa import score_files
-    try:
-        metrics = score_files(args.results, args.annotations)
-    except ModuleNotFoundError as exc:
-        if _is_third_party(exc):
-            _err(f"error: {exc}")
-            return EXIT_FAILED
-        raise
+    metrics = score_files(args.results, args.annotations)
     print(json.dumps(metrics, indent=2))
     return EXIT_OK
 
@@ -321,6 +303,10 @@ def _guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace
     except (UserError, registry.RegistryError) as exc:
         _err(f"error: {exc}")
         return EXIT_USER
+    except ModuleNotFoundError as exc:  # an optional dependency (torch, open_clip, ...) is not installed
+        if _is_third_party(exc):
+            return _missing_dependency(exc)
+        raise
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

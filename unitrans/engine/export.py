@@ -27,6 +27,9 @@ def export(spec, checkpoint: Path, out: Path) -> Path:
         )
     torch.manual_seed(spec.seed)
     built = build(spec, "cpu", with_data=False)
+    if getattr(built.backbone.model, "temporal_embedding", None) is not None:
+        raise UserError("export: the backbone's learned temporal embedding is not part of the transformers "
+                        "architecture (from_pretrained would drop it); export supports image backbones only")
     load_adapter(built, Path(checkpoint))
     for adapter in built.adapters:
         adapter.merge()

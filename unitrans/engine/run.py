@@ -351,6 +351,12 @@ def train(built, data, eval_ds, spec, device, out: Path, resume_from: Path | Non
                 epoch_done = step % steps_per_epoch == 0
                 if epoch_done or (tr.checkpoint_every and step % tr.checkpoint_every == 0):
                     checkpoint(f"step_{step:08d}")
+                skipped = getattr(data.train, "skipped", None)
+                if epoch_done and skipped is not None and int(skipped) > 0:
+                    _say(f"epoch {epoch}: {int(skipped)} unreadable training item(s) skipped so far "
+                         "(data.on_error = 'skip'; the first of each is named in a warning above)")
+                    if dist.is_main():
+                        log.write(json.dumps({"step": step, "epoch": epoch, "skipped_items": int(skipped)}) + "\n")
                 if epoch_done and spec.eval.every_epoch and step < total:
                     m = evaluate(built, eval_ds, spec, device, data.collate)
                     _say(f"epoch {epoch} ({spec.eval.split}): {_format_metrics(m)}")

@@ -148,17 +148,24 @@ def vqa_metrics(results: Mapping[Any, str], annotations: Mapping[Any, Sequence[s
         normalize: see :func:`vqa_accuracy`.
 
     Returns:
-        ``{"vqa_acc": ..., "n_scored": ...}``.
+        ``{"vqa_acc": ..., "acc": ..., "n_scored": ...}``; ``acc`` is exact-match accuracy against the most
+        common human answer (after normalisation), the metric of MSRVTT-QA and other one-answer video QA sets.
 
     Raises:
         UserError: no result has human answers.
     """
+    from collections import Counter
+
     scored = [q for q in results if annotations.get(q)]
     if not scored:
         raise UserError("VQA metrics: no question of the results has human answers to score against "
                         "(test-dev / test-std results are scored by the evaluation server)")
     acc = sum(vqa_accuracy(results[q], annotations[q], normalize) for q in scored) / len(scored)
-    return {"vqa_acc": 100.0 * acc, "n_scored": float(len(scored))}
+    exact = 0
+    for q in scored:
+        majority = Counter(normalize_answer(_basic(a)) for a in annotations[q]).most_common(1)[0][0]
+        exact += normalize_answer(_basic(results[q])) == majority
+    return {"vqa_acc": 100.0 * acc, "acc": 100.0 * exact / len(scored), "n_scored": float(len(scored))}
 
 
 # ---- files ---------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class VQA(Task):
     The ``alignment`` argument of :meth:`training_step` is ignored (VQA has no unimodal text features to align).
     """
 
-    metric_keys = ("vqa_acc",)
+    metric_keys = ("vqa_acc", "acc")
     primary_metric = "vqa_acc"
     name = "vqa.v1"
 
