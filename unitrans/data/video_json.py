@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from unitrans.data.blip_json import DataError, _check_root, _read_annotation, _require, collate_retrieval, pre_caption
+from unitrans.data.vqa_json import read_answer_list
 from unitrans.data.video import STRATEGIES, VideoTransform, load_frames
 from unitrans.interfaces import DataModule
 
@@ -242,26 +243,6 @@ class VideoRetrievalEvalDataset(torch.utils.data.Dataset):
         return {"image": _eval_video(self, i), "index": i}
 
 
-def read_answer_candidates(path: str | Path) -> list[str]:
-    """Candidate answers from a JSON list (``answer_list.json``) or LAVIS's ``{answer: label}`` (ordered by label).
-
-    Raises:
-        DataError: missing / malformed file, or neither a non-empty list of strings nor such a mapping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"answer list file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: malformed JSON: {exc}") from exc
-    if isinstance(data, dict):
-        data = [a for a, _ in sorted(data.items(), key=lambda kv: (kv[1], kv[0]))]
-    if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
-        raise DataError(f"{path}: expected a non-empty JSON list of answers or an {{answer: label}} object")
-    return data
-
-
 def _qa_entries(path: Path, need_answer: bool, max_words: int):
     from unitrans.data.vqa_json import pre_question
 
@@ -409,7 +390,7 @@ class VideoQAData(VideoRetrievalData):
         train = None if f["train"] is None else VideoQATrainDataset(
             f["train"], self.video_root, self._clips("train", image_size, mean, std), self.max_words)
         if self.answer_list is not None:
-            answers = read_answer_candidates(self.answer_list)
+            answers = read_answer_list(self.answer_list)
         elif train is not None:
             counts: dict[str, int] = {}
             for *_, ans, _ in train.annotation:

@@ -33,10 +33,10 @@ def pre_question(question: str, max_words: int = 50) -> str:
 
 
 def read_answer_list(path: str | Path) -> list[str]:
-    """``answer_list.json`` -> list of candidate answers.
+    """Candidate answers: BLIP's ``answer_list.json`` (a list) or LAVIS's ``{answer: label}`` (ordered by label).
 
     Raises:
-        DataError: missing / malformed file, not a non-empty list of strings.
+        DataError: missing / malformed file, or neither a non-empty list of strings nor such a mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -45,8 +45,10 @@ def read_answer_list(path: str | Path) -> list[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON: {exc}") from exc
+    if isinstance(data, dict):
+        data = [a for a, _ in sorted(data.items(), key=lambda kv: (kv[1], kv[0]))]
     if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
-        raise DataError(f"{path}: expected a non-empty JSON list of answer strings")
+        raise DataError(f"{path}: expected a non-empty JSON list of answers or an {{answer: label}} object")
     return data
 
 
