@@ -23,7 +23,6 @@ counter is shared with forked data-loader workers.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import random
