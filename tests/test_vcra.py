@@ -297,3 +297,28 @@ def test_frozen_projections_are_not_parameters_and_come_from_the_seed():
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
         assert not torch.equal(a1, a3) and not torch.equal(b1, b3)
     assert not torch.equal(first.pair("V")[0], first.pair("T")[0])
+
+
+def test_fusion_computes_the_image_tokens_ax_once_for_all_layers_and_qasn_adds_none(monkeypatch):
+    """Cross-attention k and v of every fusion layer read the same image tokens: with one shared pair, ``A x``
+    of the image tokens is computed once per fused forward, and QASN (which reuses the fusion pair) reads the
+    ``A x_i`` that each block's self-attention computed for the block input, adding no projection of its own."""
+    from conftest import build_spec, spec_dict
+
+    targets = ["text.attn.*", "fusion.attn.*"]  # the paper's: q, k, v, o of self- and cross-attention
+    counts = {}
+    for side in (None, {"name": "qasn.v1"}):
+        _, built = build_spec(spec_dict([{"name": "vcra.v1", "targets": targets, "rank": 4}], side))
+        bb, adapter = built.backbone, built.adapters[0]
+        pixel, tok = make_inputs(bb, batch=2)
+        image_embeds = bb.encode_image(pixel).detach()
+        calls = _count_projections(monkeypatch, adapter)
+        bb.fuse(tok["input_ids"], tok["attention_mask"], image_embeds)
+        n_layers = len(bb.fusion_blocks())
+        assert n_layers >= 2
+        assert sum(1 for s in calls if s == tuple(image_embeds.shape)) == 1
+        counts[side is None] = len(calls)
+        monkeypatch.undo()
+    # per layer: block input (self q, k, v), self o input, cross q input, cross o input; the image tokens once
+    assert counts[True] == 4 * n_layers + 1
+    assert counts[False] == counts[True]

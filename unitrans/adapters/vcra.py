@@ -55,6 +55,11 @@ class VCRA(nn.Module, Adapter):
     ``2·d·r + N·(d + r) + #modalities`` (the paper's Θ, plus the scalars ``s``).
     """
 
+    # Recent inputs whose ``A x`` a pair keeps. A fusion block with every attention linear targeted projects five:
+    # its input (self-attention q, k, v), the self-attention output-dense input, the cross-attention query
+    # input, the image tokens and the cross-attention output-dense input; QASN then asks for the block input.
+    CACHE_INPUTS = 6
+
     def __init__(
         self,
         targets,
@@ -82,7 +87,7 @@ class VCRA(nn.Module, Adapter):
         self.points: list[InjectionPoint] = []
         self._pair_of: dict[str, str] = {}  # point id -> pair key
         self._scaling_of: dict[str, str] = {}  # point id -> scaling key
-        self._cache: dict = {}  # pair key -> (x, state, A x); ("out", scaling key) -> (x, state, update)
+        self._cache: dict = {}  # pair key -> [(x, state, A x)] (recent first); ("out", scaling key) -> (x, state, update)
         self._kv_shared: set[str] = set()  # scaling keys used by more than one point (k and v of an attention)
         self.pair_modalities: dict[str, set[str]] = {}
 
@@ -166,14 +171,30 @@ class VCRA(nn.Module, Adapter):
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def _project(self, key: str, x: torch.Tensor, d_in: int) -> torch.Tensor:
+        """``A x`` for the pair ``key``, from a small per-pair cache of recent inputs: q, k and v of one attention
+        read one input; the cross-attention k and v of every fusion layer read the same image tokens (one
+        ``A x`` for all layers when the pair is shared); QASN reads each fusion block's input, which is also that
+        block's self-attention input. Entries match on the input tensor object, A's version and the grad mode."""
         a = self.pair(key)[0]
         state = (a._version, torch.is_grad_enabled(), d_in)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is x and hit[1] == state:
-            return hit[2]
+        entries = self._cache.setdefault(key, [])
+        for i, (cx, cstate, cax) in enumerate(entries):
+            if cx is x and cstate == state:
+                if i:  # most recently used first
+                    entries.insert(0, entries.pop(i))
+                return cax
         ax = F.linear(x, a[:, :d_in].to(x.dtype))  # (..., r)
-        self._cache[key] = (x, state, ax)
+        entries.insert(0, (x, state, ax))
+        del entries[self.CACHE_INPUTS:]
         return ax
+
+    def projector(self, modality: str):
+        """``x, d_in -> A[:, :d_in] x`` through the cache of the pair that serves ``modality`` (QASN calls it on
+        the fusion blocks' inputs), or ``None`` when no pair is shared with that modality."""
+        if self.share == "none":
+            return None
+        key = next((k for k, mods in self.pair_modalities.items() if modality in mods), None)
+        return None if key is None else (lambda x, d_in: self._project(key, x, d_in))
 
     def _folded_b(self, p: InjectionPoint) -> torch.Tensor:
         """``s · diag(λb) B diag(λa)`` of a point, ``(d_out, r)``: the scalings act on the small matrix, never on

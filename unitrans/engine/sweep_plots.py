@@ -125,14 +125,19 @@ def plot_metric_vs_params(results: dict, path: Path) -> Path | None:
     plt = _pyplot()
     positive = [r["trainable_params"] for r in rows if r["trainable_params"] > 0]
     zero_x = min(positive) / 10 if positive else 1.0  # where a variant with nothing to train sits on a log axis
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.get_cmap("tab10")
+    markers = "osD^vP*Xph<>"
     for i, row in enumerate(rows):
         s = row["metrics"][metric]
         x = row["trainable_params"] or zero_x
-        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt="o", ms=9, capsize=4, color=colors(i % 10))
-        label = f"{row['variant']}\n({_params_text(row['trainable_params'])})"
-        ax.annotate(label, (x, s["mean"]), textcoords="offset points", xytext=(8, 6), fontsize=9)
+        std = f" ± {s['std']:.2f}" if s.get("std") else ""
+        # a legend, not labels beside the points: variants of nearly equal size (VCRA rows) sit on one spot
+        label = f"{row['variant']} ({_params_text(row['trainable_params'])}): {s['mean']:.2f}{std}"
+        ax.errorbar([x], [s["mean"]], yerr=[s["std"] or 0.0], fmt=markers[i % len(markers)], ms=9, capsize=4,
+                    color=colors(i % 10), label=label, alpha=0.85)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, title=f"variant (# trainable): {metric}",
+              title_fontsize=9, frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)" + ("; 0 drawn at the left edge" if not all(
         r["trainable_params"] for r in rows) else ""))

@@ -26,6 +26,7 @@ class QASN(nn.Module, SideNetwork):
         self.alpha = nn.ParameterList()
         self.beta = nn.ParameterList()
         self._pair = None
+        self._project = None  # x, d -> A[:, :d] x through the adapter's cache, when the pair is the adapter's
         self._handles: list = []
         # Per-forward state keyed by block index, so a block recomputed alone (gradient checkpointing) finds
         # exactly the inputs it had: its x_i and h_i.
@@ -44,6 +45,8 @@ class QASN(nn.Module, SideNetwork):
                 if pair is not None and pair[0].shape[1] >= d and pair[1].shape[0] >= d:
                     self._pair, self.uses_shared_pair = pair, True
                     self.rank = pair[0].shape[0]
+                    # A x_i is what the adapter's fusion self-attention already computed for the same x_i
+                    self._project = getattr(adapter, "projector", lambda m: None)("C")
                     break
         if self._pair is None:
             from unitrans.adapters.vcra import VCRA
@@ -85,8 +88,10 @@ class QASN(nn.Module, SideNetwork):
             x = self._x[i]  # (B, L, d)
             a, b = self._pair
             d = self.width
-            xw = F.linear(F.linear(x, a[:, :d].to(x.dtype)) * self.lambda_a[i].to(x.dtype), b[:d].to(x.dtype))
-            xw = xw * self.lambda_b[i].to(x.dtype)  # x_i w_i: (B, L, d)
+            ax = self._project(x, d) if self._project is not None else F.linear(x, a[:, :d].to(x.dtype))
+            # x_i w_i = diag(λb) B diag(λa) A x_i, the scalings folded into the (d, r) matrix: (B, L, d)
+            w = b[:d] * self.lambda_a[i] * self.lambda_b[i][:, None]
+            xw = F.linear(ax, w.to(x.dtype))
             h_prev = self._h.get(i)
             h = xw if h_prev is None else h_prev + xw  # eq. 5: h_{i+1} = h_i + x_i w_i
             self._h[i + 1] = h
