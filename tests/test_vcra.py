@@ -322,3 +322,68 @@ def test_fusion_computes_the_image_tokens_ax_once_for_all_layers_and_qasn_adds_n
     # per layer: block input (self q, k, v), self o input, cross q input, cross o input; the image tokens once
     assert counts[True] == 4 * n_layers + 1
     assert counts[False] == counts[True]
+
+
+def test_cached_folded_matrices_survive_gradient_accumulation():
+    """The folded ``s·diag(λb) B diag(λa)`` is cached across the several passes of one step; a second micro-batch
+    with unchanged parameters (gradient accumulation) must not reuse a matrix whose graph the first backward
+    freed. Two micro-batches give exactly twice the gradients of one."""
+    bb = tiny_backbone()
+    targets = ["vision.attn.*", "text.attn.*", "fusion.attn.*"]
+    points, _ = match_points(bb.injection_points(), targets)
+    adapter = vcra_v1(targets=targets, rank=4)
+    adapter.attach(points)
+    randomise_scalings_(adapter, seed=4)
+    pixel, tok = make_inputs(bb, batch=2)
+
+    def loss():  # the text encoder runs twice in one graph (unimodal, then fused), like ITC + ITM
+        out = retrieval_forward(bb, pixel, tok)
+        return out["itm"].square().sum() + out["text_feat"].sum() + out["image_feat"].sum()
+
+    def grads(micro_batches: int) -> dict[str, torch.Tensor]:
+        adapter.clear_cache()
+        adapter.zero_grad(set_to_none=True)
+        for _ in range(micro_batches):
+            loss().backward()
+        return {n: p.grad.clone() for n, p in adapter.named_parameters()}
+
+    one, two = grads(1), grads(2)
+    assert one.keys() == two.keys() and any(g.abs().sum() > 0 for g in one.values())
+    for n in one:
+        torch.testing.assert_close(two[n], 2 * one[n], atol=1e-5, rtol=1e-4, msg=n)
+    # and the parameters changing in between (an optimizer step) refolds: the result follows the new values
+    with torch.no_grad():
+        before = retrieval_forward(bb, pixel, tok)["itm"]
+        for p in adapter.lambda_b.values():
+            p.mul_(2.0)
+        after = retrieval_forward(bb, pixel, tok)["itm"]
+    assert not torch.allclose(before, after)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_qasn():
+    """With ``gradient_checkpointing = true`` the blocks are recomputed in backward and must save what they saved
+    the first time, so nothing is reused across blocks (the engine sets ``reuse_across_calls = False``); the
+    gradients of VCRA + QASN equal those without checkpointing, over two steps' worth of backward."""
+    from conftest import build_spec, spec_dict
+
+    grads = {}
+    for gc in (False, True):
+        _, built = build_spec(spec_dict([{"name": "vcra.v1", "targets": ALL_TARGETS[:1] + ["text.attn.*", "fusion.attn.*"],
+                                          "rank": 4}], {"name": "qasn.v1"},
+                                        backbone_extra={"gradient_checkpointing": gc}))
+        bb = built.backbone
+        assert bb.recomputes_activations is gc and built.adapters[0].reuse_across_calls is (not gc)
+        bb.model.train()
+        for m in bb.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        randomise_(built.trainable.parameters(), seed=8, std=0.1, mean=0.0)
+        pixel, tok = make_inputs(bb, batch=2)
+        built.trainable.zero_grad(set_to_none=True)
+        for _ in range(2):
+            out = retrieval_forward(bb, pixel, tok)
+            (out["itm"].square().sum() + out["text_feat"].sum() + out["image_feat"].sum()).backward()
+        grads[gc] = {n: p.grad.clone() for n, p in built.trainable.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)

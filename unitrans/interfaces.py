@@ -80,6 +80,9 @@ class Backbone(ABC):
 
     name: str
     model: "nn.Module"
+    # True when blocks are recomputed in backward (gradient checkpointing): a recomputed block must save the same
+    # tensors it saved the first time, so adapters then compute nothing once for several blocks.
+    recomputes_activations: bool = False
 
     @abstractmethod
     def injection_points(self) -> list[InjectionPoint]:
@@ -113,6 +116,9 @@ class Adapter(ABC):
 
     targets: list[str]
     layers: list[int] | None
+    # Set to False by the engine, before ``attach``, when the backbone recomputes activations: results (``A x``,
+    # folded matrices) may then be reused only inside one linear's or one attention's call, never across blocks.
+    reuse_across_calls: bool = True
 
     @abstractmethod
     def attach(self, points: Sequence[InjectionPoint]) -> None:

@@ -172,8 +172,17 @@ class BlipBackbone(Backbone):
         self._train_parts = list(train_parts)
         for part in train_parts:
             self._submodule(part).requires_grad_(True)
+        self.recomputes_activations = bool(gradient_checkpointing)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # transformers then forces the word embeddings' output to require grad (for reentrant checkpointing
+            # under PEFT); BLIP's text embeddings add position embeddings to it in place, which autograd refuses
+            # on such a leaf. Non-reentrant checkpointing does not need it.
+            self.model.disable_input_require_grads()
         self._points: list[InjectionPoint] | None = None
         self.max_frames = max_frames
         if temporal_embedding:

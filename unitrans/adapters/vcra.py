@@ -185,23 +185,50 @@ class VCRA(nn.Module, Adapter):
                 return cax
         ax = F.linear(x, a[:, :d_in].to(x.dtype))  # (..., r)
         entries.insert(0, (x, state, ax))
-        del entries[self.CACHE_INPUTS:]
+        # Under gradient checkpointing only q, k, v of one call share (a recomputed block must save what it saved)
+        del entries[self.CACHE_INPUTS if self.reuse_across_calls else 1:]
         return ax
 
     def projector(self, modality: str):
         """``x, d_in -> A[:, :d_in] x`` through the cache of the pair that serves ``modality`` (QASN calls it on
         the fusion blocks' inputs), or ``None`` when no pair is shared with that modality."""
-        if self.share == "none":
+        if self.share == "none" or not self.reuse_across_calls:
             return None
         key = next((k for k, mods in self.pair_modalities.items() if modality in mods), None)
         return None if key is None else (lambda x, d_in: self._project(key, x, d_in))
 
     def _folded_b(self, p: InjectionPoint) -> torch.Tensor:
         """``s · diag(λb) B diag(λa)`` of a point, ``(d_out, r)``: the scalings act on the small matrix, never on
-        a ``(..., d_out)`` activation (no full-size multiply in forward, nothing full-size saved for backward)."""
+        a ``(..., d_out)`` activation (no full-size multiply in forward, nothing full-size saved for backward).
+        Cached until a parameter changes, the grad mode changes or a backward pass runs through it: a training
+        step runs the text encoder several times (ITC, ITM positives, ITM negatives) and every run reuses the one
+        folded matrix; the next micro-batch of an accumulation (same parameters, graph freed) folds afresh."""
         sk = _safe(self._scaling_of[p.id])
+        key, state = ("folded", self._pair_of[p.id], sk), self._params_state(p)
+        if not self.reuse_across_calls:
+            b = self.pair(self._pair_of[p.id])[1][: p.out_features]
+            return b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == state:
+            return hit[1]
         b = self.pair(self._pair_of[p.id])[1][: p.out_features]
-        return b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
+        folded = b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
+        self._cache[key] = (state, folded)
+        if folded.requires_grad:
+            folded.register_hook(self._forget(key, folded))
+        return folded
+
+    def _forget(self, key, tensor: torch.Tensor):
+        """A gradient hook that drops ``key`` from the cache once backward has run through ``tensor`` (its graph
+        is freed then, so it must not be reused)."""
+
+        def hook(grad):
+            hit = self._cache.get(key)
+            if hit is not None and hit[-1] is tensor:
+                del self._cache[key]
+            return None
+
+        return hook
 
     def _params_state(self, p: InjectionPoint) -> tuple:
         a, b = self.pair(self._pair_of[p.id])
@@ -232,13 +259,20 @@ class VCRA(nn.Module, Adapter):
         group = sorted(group, key=lambda p: p.out_slice.start)
         pair, d_in = self._pair_of[group[0].id], group[0].in_features
 
+        key = ("stacked", group[0].id)
+
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., sum of d_out)
-            folded: dict[str, torch.Tensor] = {}
-            for p in group:
-                sk = self._scaling_of[p.id]
-                if sk not in folded:
-                    folded[sk] = self._folded_b(p)
-            w = torch.cat([folded[self._scaling_of[p.id]] for p in group])  # (d_out_total, r)
+            state = tuple(self._params_state(p) for p in group)
+            hit = self._cache.get(key) if self.reuse_across_calls else None
+            if hit is not None and hit[0] == state:
+                w = hit[1]
+            else:
+                w = torch.cat([self._folded_b(p) for p in group])  # (d_out_total, r)
+                if not self.reuse_across_calls:
+                    return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
+                self._cache[key] = (state, w)
+                if w.requires_grad:
+                    w.register_hook(self._forget(key, w))
             return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
 
         return delta

@@ -66,6 +66,8 @@ def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> B
         if not chosen:
             raise UserError(f"adapters[{i}] ({name}): targets {adapter.targets} with layers={adapter.layers} "
                             "select no injection point")
+        if getattr(backbone, "recomputes_activations", False):
+            adapter.reuse_across_calls = False
         adapter.attach(chosen)
         adapters.append(adapter)
     side = None
