@@ -191,7 +191,8 @@ def test_validate_toml_syntax_error_and_missing_file(spec_dir):
 
 
 def test_first_party_examples_validate_without_heavy_imports():
-    examples = sorted((REPO / "examples").glob("*.toml"))
+    examples = sorted(f for pattern in ("*.toml", "ablation/*.toml", "paper/*.toml")
+                      for f in (REPO / "examples").glob(pattern))  # sweeps validate every variant too
     if not examples:
         pytest.skip("no examples/*.toml yet")
     for example in examples:
