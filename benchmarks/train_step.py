@@ -126,6 +126,8 @@ def worker(job: dict) -> None:
         opt.zero_grad(set_to_none=True)
         terms = built.task.training_step(built.backbone, batch, built.alignment)
         sum(terms.values()).backward()
+        for adapter in built.adapters:  # as the training loop does
+            adapter.clear_cache()
         opt.step()
 
     for _ in range(job["warmup"]):

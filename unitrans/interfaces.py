@@ -134,6 +134,10 @@ class Adapter(ABC):
     @abstractmethod
     def unmerge(self) -> None: ...
 
+    def clear_cache(self) -> None:
+        """Drop whatever the adapter keeps between forward calls (the engine calls it after every backward and
+        every evaluation, so no activation outlives its step). Default: nothing is kept."""
+
     def modality_of_parameter(self, name: str) -> str:
         """``V``/``T``/``C``/``D`` or ``shared`` for a parameter name (parameter accounting by modality)."""
         return "shared"

@@ -136,7 +136,17 @@ def evaluate(built, dataset, spec, device, collate, output_dir=None) -> dict:
         metrics = built.task.evaluate(built.backbone, dataset, spec.eval.batch_size, device=device,
                                       collate=collate, num_workers=spec.train.num_workers,
                                       output_dir=output_dir if dist.is_main() else None, split=spec.eval.split)
+    _clear_adapter_caches(built)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _clear_adapter_caches(built) -> None:
+    """Adapters may cache results across the forward calls of one step (VCRA: ``A x``, folded matrices); once
+    backward has run, those hold only stale activations."""
+    for adapter in built.adapters:
+        clear = getattr(adapter, "clear_cache", None)  # on the Adapter interface; duck-typed plugins may lack it
+        if clear is not None:
+            clear()
 
 
 def run(spec) -> int:
@@ -317,6 +327,7 @@ def train(built, data, eval_ds, spec, device, out: Path, resume_from: Path | Non
                         if dist.any_true(not bool(torch.isfinite(loss.detach())), device):
                             raise TrainingError(_nonfinite_message(step, epoch, terms, ckpt_root))
                         scaler.scale(loss).backward()
+                    _clear_adapter_caches(built)
                     for k, v in terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / tr.grad_accum
                     window_n += batch["image"].shape[0] * world
