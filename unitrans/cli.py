@@ -330,4 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun workers re-run
-    return _guarded(args.func, args)
+    try:
+        return _guarded(args.func, args)
+    except BrokenPipeError:  # `unitrans list | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return 0
