@@ -387,3 +387,41 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_qasn():
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_cached_folded_matrices_are_freed_after_their_step():
+    """A gradient hook that held its own tensor would make a cycle through the autograd graph that Python's
+    collector cannot see: every step would leak its folded matrices and their graph. After backward and
+    ``clear_cache`` (what the training loop does), none of them may stay alive."""
+    import gc
+    import weakref
+
+    from conftest import build_spec, spec_dict
+    from unitrans.adapters.vcra import VCRA
+
+    _, built = build_spec(spec_dict([{"name": "vcra.v1", "targets": ["vision.attn.*", "text.attn.*",
+                                                                    "fusion.attn.*"], "rank": 4}]))
+    bb, adapter = built.backbone, built.adapters[0]
+    opt = torch.optim.SGD(built.trainable.parameters(), lr=0.1)
+    pixel, tok = make_inputs(bb, batch=2)
+    made = []
+    real = VCRA._folded_b
+
+    def recording(self, p):
+        t = real(self, p)
+        made.append(weakref.ref(t))
+        return t
+
+    VCRA._folded_b = recording
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            out = retrieval_forward(bb, pixel, tok)
+            (out["itm"].square().sum() + out["text_feat"].sum()).backward()
+            adapter.clear_cache()
+            opt.step()
+    finally:
+        VCRA._folded_b = real
+    del out
+    gc.collect()
+    assert made and sum(r() is not None for r in made) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -220,12 +221,17 @@ class VCRA(nn.Module, Adapter):
 
     def _forget(self, key, tensor: torch.Tensor):
         """A gradient hook that drops ``key`` from the cache once backward has run through ``tensor`` (its graph
-        is freed then, so it must not be reused)."""
+        is freed then, so it must not be reused). The hook holds neither the tensor nor the adapter: a tensor
+        whose own hook refers to it is a cycle through the autograd graph that Python's collector cannot see, and
+        every step would leak its graph."""
+        ident, owner = id(tensor), weakref.ref(self)
 
         def hook(grad):
-            hit = self._cache.get(key)
-            if hit is not None and hit[-1] is tensor:
-                del self._cache[key]
+            adapter = owner()
+            entries = adapter._cache if adapter is not None else {}
+            hit = entries.get(key)
+            if hit is not None and id(hit[-1]) == ident:
+                del entries[key]
             return None
 
         return hook
