@@ -88,7 +88,9 @@ class VCRA(nn.Module, Adapter):
         self.points: list[InjectionPoint] = []
         self._pair_of: dict[str, str] = {}  # point id -> pair key
         self._scaling_of: dict[str, str] = {}  # point id -> scaling key
-        self._cache: dict = {}  # pair key -> [(x, state, A x)] (recent first); ("out", scaling key) -> (x, state, update)
+        # pair key -> [(x, state, A x)], most recent first; ("out", scaling key) -> (x, state, update);
+        # ("folded" | "stacked", ...) -> (parameter state, matrix)
+        self._cache: dict = {}
         self._kv_shared: set[str] = set()  # scaling keys used by more than one point (k and v of an attention)
         self.pair_modalities: dict[str, set[str]] = {}
 
@@ -206,18 +208,25 @@ class VCRA(nn.Module, Adapter):
         folded matrix; the next micro-batch of an accumulation (same parameters, graph freed) folds afresh."""
         sk = _safe(self._scaling_of[p.id])
         key, state = ("folded", self._pair_of[p.id], sk), self._params_state(p)
-        if not self.reuse_across_calls:
-            b = self.pair(self._pair_of[p.id])[1][: p.out_features]
-            return b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == state:
-            return hit[1]
+        hit = self._cached(key, state)
+        if hit is not None:
+            return hit
         b = self.pair(self._pair_of[p.id])[1][: p.out_features]
         folded = b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
-        self._cache[key] = (state, folded)
-        if folded.requires_grad:
-            folded.register_hook(self._forget(key, folded))
-        return folded
+        return self._remember(key, state, folded)
+
+    def _cached(self, key, state) -> torch.Tensor | None:
+        """A matrix cached under ``key`` for exactly this parameter ``state`` (never under gradient checkpointing)."""
+        hit = self._cache.get(key) if self.reuse_across_calls else None
+        return hit[1] if hit is not None and hit[0] == state else None
+
+    def _remember(self, key, state, tensor: torch.Tensor) -> torch.Tensor:
+        """Cache ``tensor`` under ``key`` until the parameters change or backward runs through it; returns it."""
+        if self.reuse_across_calls:
+            self._cache[key] = (state, tensor)
+            if tensor.requires_grad:
+                tensor.register_hook(self._forget(key, tensor))
+        return tensor
 
     def _forget(self, key, tensor: torch.Tensor):
         """A gradient hook that drops ``key`` from the cache once backward has run through ``tensor`` (its graph
@@ -269,16 +278,9 @@ class VCRA(nn.Module, Adapter):
 
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., sum of d_out)
             state = tuple(self._params_state(p) for p in group)
-            hit = self._cache.get(key) if self.reuse_across_calls else None
-            if hit is not None and hit[0] == state:
-                w = hit[1]
-            else:
-                w = torch.cat([self._folded_b(p) for p in group])  # (d_out_total, r)
-                if not self.reuse_across_calls:
-                    return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
-                self._cache[key] = (state, w)
-                if w.requires_grad:
-                    w.register_hook(self._forget(key, w))
+            w = self._cached(key, state)
+            if w is None:  # (d_out_total, r)
+                w = self._remember(key, state, torch.cat([self._folded_b(p) for p in group]))
             return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
 
         return delta
