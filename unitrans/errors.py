@@ -12,3 +12,7 @@ class UserError(Exception):
 
     The message must say what was received, what is allowed and, where known, how to fix it.
     """
+
+
+class DataError(UserError):
+    """A data file is missing, unreadable or malformed; the message names the file (and the entry)."""

@@ -177,6 +177,25 @@ class Task(ABC):
     def training_step(self, backbone: Backbone, batch: Mapping[str, Any], alignment: AlignmentLoss | None):
         """Returns a dict of named scalar loss terms (their sum is optimised)."""
 
+    # ---- training hooks (the loop calls them; every default does nothing) ------------------------------------
+    def setup(self, built: Any) -> None:
+        """Called once after every component is built, before data or training (e.g. to keep a momentum copy of
+        ``built.trainable_state()``)."""
+
+    def on_step_start(self, step: int, epoch: int, steps_per_epoch: int) -> None:
+        """Called before the micro-batches of optimizer step ``step`` (0-based; ``epoch = step // steps_per_epoch``)."""
+
+    def on_optimizer_step(self) -> None:
+        """Called after every ``optimizer.step()`` (e.g. a momentum (EMA) update of a copy of the trainable tensors)."""
+
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        """Training state the task keeps between steps (queues, momentum copies, counters as 0-d tensors), saved
+        in every resume checkpoint as tensors only (safetensors: nothing is ever unpickled). Default: none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, "torch.Tensor"]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume)."""
+
     @abstractmethod
     def evaluate(self, backbone: Backbone, dataset: Any, batch_size: int, *, device: Any = "cpu",
                  collate: Any = None, num_workers: int = 0, output_dir: Any = None, split: str = "test",
@@ -195,3 +214,20 @@ class DataModule:
     test: Any | None
     collate: Any = None
     extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class Preflight:
+    """What a data builder can tell about its data before any model is built (``builder.preflight(deep)``).
+
+    Attributes:
+        sizes: items per split (``"train"``, ``"val"``, ``"test"``); ``None`` for a split the spec does not give;
+            a split generated on first use reports the size it will have.
+        problems: one line per problem found (missing or unparsable file, empty split, unreadable image with
+            ``deep``), each naming the file; empty when all is well.
+        checked_files: media files opened (``deep``) or checked to exist.
+    """
+
+    sizes: dict[str, int | None] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    checked_files: int = 0

@@ -18,16 +18,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from unitrans.errors import UserError
+from unitrans.errors import DataError, UserError  # noqa: F401  (DataError: re-exported for older imports)
 
 from unitrans.data.images import ImageTransform, load_image
 from unitrans.interfaces import DataModule
 
 _PUNCT = re.compile(r"[.!\"()*#:;~\-/]")
-
-
-class DataError(UserError):
-    """A dataset problem a user can act on; the message names the file (and entry / key)."""
 
 
 def pre_caption(text: str, max_words: int = 30) -> str:

@@ -31,7 +31,7 @@ def load_image(path: str | Path) -> Image.Image:
     Raises:
         DataError: the file is missing, unreadable or not a decodable image; the message names ``path``.
     """
-    from unitrans.data.blip_json import DataError  # here: blip_json imports this module
+    from unitrans.errors import DataError
 
     try:
         with Image.open(path) as img:

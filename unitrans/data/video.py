@@ -118,7 +118,7 @@ def sample_indices(
 
 
 def _data_error(message: str):
-    from unitrans.data.blip_json import DataError  # here: blip_json imports torch-level helpers
+    from unitrans.errors import DataError
 
     return DataError(message)
 
