@@ -28,12 +28,10 @@ def caption_bb():
 
 
 def _question_states(bb, questions, seed=0):
-    from unitrans.tasks.vqa import encode_question
-
     g = torch.Generator().manual_seed(seed)
     pixel = torch.randn(len(questions), 3, bb.image_size, bb.image_size, generator=g)
     with torch.no_grad():
-        return encode_question(bb, questions, bb.encode_image(pixel))
+        return bb.encode_question(questions, bb.encode_image(pixel))
 
 
 @torch.no_grad()
@@ -47,13 +45,12 @@ def _brute_force_log_likelihood(bb, states, mask, answer: str) -> float:
 
 
 def test_rank_picks_the_brute_force_best(vqa_bb):
-    from unitrans.tasks.captioning import decoder_tokenize
     from unitrans.tasks.vqa import VQA
 
     questions = ["what color is the circle?", "how many shapes are there?", "is there a red square?",
                  "what shape is left of the blue square?"]
     states, mask = _question_states(vqa_bb, questions)
-    cand_ids, cand_mask = decoder_tokenize(vqa_bb, CANDIDATES, "cpu")
+    cand_ids, cand_mask = vqa_bb.decoder_tokenize(CANDIDATES, "cpu")
     task = VQA(inference="rank", k_test=len(CANDIDATES))
     picked = task.rank(vqa_bb, states, mask, cand_ids, cand_mask).tolist()
     for q in range(len(questions)):
@@ -67,11 +64,10 @@ def test_rank_picks_the_brute_force_best(vqa_bb):
 
 
 def test_rank_top_k_restricts_to_first_token_candidates(vqa_bb):
-    from unitrans.tasks.captioning import decoder_tokenize
     from unitrans.tasks.vqa import VQA
 
     states, mask = _question_states(vqa_bb, ["what color is the square?", "is there a circle?"], seed=1)
-    cand_ids, cand_mask = decoder_tokenize(vqa_bb, CANDIDATES, "cpu")
+    cand_ids, cand_mask = vqa_bb.decoder_tokenize(CANDIDATES, "cpu")
     with torch.no_grad():
         bos = cand_ids[:1, :1].expand(2, 1)
         first = torch.softmax(vqa_bb.model.text_decoder(input_ids=bos, encoder_hidden_states=states,
@@ -93,10 +89,8 @@ def test_vqa_generate_and_training_loss(vqa_bb):
              "weight": torch.tensor([0.7, 0.3, 1.0]), "n": torch.tensor([2, 1])}
     loss = VQA(label_smoothing=0.0).training_step(vqa_bb, batch, None)["vqa_loss"]
     # by hand: weighted sum of the answers' negative log-likelihoods over the 2 questions
-    from unitrans.tasks.vqa import encode_question
-
     with torch.no_grad():
-        st, mk = encode_question(vqa_bb, batch["question"], vqa_bb.encode_image(pixel))
+        st, mk = vqa_bb.encode_question(batch["question"], vqa_bb.encode_image(pixel))
         nll = [-_brute_force_log_likelihood(vqa_bb, st[q:q + 1], mk[q:q + 1], a)
                for q, a in ((0, "red"), (0, "blue"), (1, "2"))]
     expected = (0.7 * nll[0] + 0.3 * nll[1] + 1.0 * nll[2]) / 2
@@ -112,7 +106,7 @@ def test_caption_generation_strips_the_prompt(caption_bb):
     ours = task.generate(caption_bb, pixel)
     prompt = task.prompt_ids(caption_bb)
     tok = caption_bb.tokenizer
-    hf_prompt = tok([task.prompt] * 3, return_tensors="pt")["input_ids"]  # [CLS] prompt [SEP], as HF expects
+    hf_prompt = tok([task.options.prompt] * 3, return_tensors="pt")["input_ids"]  # [CLS] prompt [SEP], as HF expects
     with torch.no_grad():
         full = caption_bb.model.generate(pixel_values=pixel, input_ids=hf_prompt, num_beams=3, max_length=12,
                                          min_length=5)
@@ -139,11 +133,11 @@ def test_tasks_refuse_backbones_without_a_decoder(caption_bb):
     from unitrans.tasks.vqa import VQA
 
     retrieval = tiny_backbone(task_model="retrieval")
-    with pytest.raises(UserError, match='task_model = "captioning"'):
+    with pytest.raises(UserError, match='capability EncoderDecoder .*task_model = "captioning"'):
         Captioning().check_backbone(retrieval)
-    with pytest.raises(UserError, match="text_encoder"):
+    with pytest.raises(UserError, match='capability QuestionEncoder .*implements: EncoderDecoder, Exportable.*"vqa"'):
         VQA().check_backbone(caption_bb)
-    with pytest.raises(UserError, match='task_model = "vqa"'):
+    with pytest.raises(UserError, match='capability QuestionEncoder .*task_model = "vqa"'):
         VQA().check_backbone(retrieval)
 
 

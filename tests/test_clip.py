@@ -191,9 +191,9 @@ def test_injection_points_vocabulary():
     assert q.input_group == k.input_group == v.input_group and q.attention == v.attention == "vision.1.attn"
     fc1 = next(p for p in points if p.id == "text.0.mlp.fc1")
     assert fc1.module is bb.model.transformer.resblocks[0].mlp.c_fc and (fc1.in_features, fc1.out_features) == (64, 128)
-    with pytest.raises(LookupError, match="no fusion network.*text.attn"):
-        bb.fusion_blocks()
-    assert not hasattr(bb, "fuse")
+    from unitrans.interfaces import DualEncoder, capability_names
+
+    assert isinstance(bb, DualEncoder) and capability_names(bb) == ["DualEncoder"]  # no fusion network, no ITM
 
 
 # ---- adapters on both towers ---------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_qasn_is_refused_naming_fusion_blocks_and_clips_points():
 
 
 def test_itm_is_refused_by_the_retrieval_task():
-    with pytest.raises(UserError, match="clip.v1 has none.*itm_weight = 0"):
+    with pytest.raises(UserError, match="capability FusionEncoder .*clip.v1 implements: DualEncoder.*itm_weight = 0"):
         build_clip(clip_spec([ADAPTERS["lora"]], task={"name": "retrieval.v1"}))
 
 

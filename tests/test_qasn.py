@@ -130,6 +130,7 @@ def test_unimodal_text_pass_is_unchanged():
 
 class _NoFusion(Backbone):
     name = "testonly.nofusion"
+    contract_version = "2"
 
     def injection_points(self):
         return []
@@ -142,12 +143,13 @@ class _NoFusion(Backbone):
 
 
 def test_backbone_without_fusion_blocks_is_refused():
-    with pytest.raises(LookupError, match="fusion.blocks"):
-        _NoFusion().fusion_blocks()
+    from unitrans.engine.build import attach_side_network
     from unitrans.side_networks import qasn_v1
 
-    with pytest.raises(LookupError, match="fusion.blocks"):
-        qasn_v1().attach(_NoFusion(), [])
+    with pytest.raises(UserError, match=r"qasn.v1 needs backbone capability FusionNetwork \(fusion_blocks, "
+                                        r"fusion_width\); backbone testonly.nofusion implements: none of them\. "
+                                        r"Side networks hook injection point 'fusion\.blocks'"):
+        attach_side_network(_NoFusion(), "qasn.v1", qasn_v1(), [])
     # through the spec: BLIP's captioning model has a decoder but no text encoder to fuse in
     d = spec_dict([{"name": "lora.v1", "targets": ["vision.attn.q"]}], {"name": "qasn.v1"},
                   {"task_model": "captioning"})

@@ -97,8 +97,8 @@ def test_sharing_structure_and_parameter_count():
             shared = adapter.pair("shared")
             assert len(pairs) == 1
             for m in "VTC":
-                assert adapter.pair_for_modality(m)[0] is shared[0]
-                assert adapter.pair_for_modality(m)[1] is shared[1]
+                assert adapter.shared_pair(m)[0] is shared[0]
+                assert adapter.shared_pair(m)[1] is shared[1]
             scaling_keys = {expected_scaling_key(p): p.out_features for p in points}
             assert set(adapter.lambda_a) == set(scaling_keys)
             closed_form = 2 * d * r + sum(scaling_keys.values()) + r * len(scaling_keys) + 3

@@ -159,7 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return launch(args.argv, nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                       rdzv_endpoint=args.rdzv_endpoint, rdzv_backend=args.rdzv_backend,
                       max_restarts=args.max_restarts)
-    return int(run(spec) or 0)
+    run(spec)
+    return EXIT_OK
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

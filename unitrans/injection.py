@@ -9,7 +9,8 @@ removed while merged).
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -133,3 +134,24 @@ def unmerge(owner, points: list[InjectionPoint], delta_weight: Callable[[Injecti
                     sl = p.out_slice or slice(0, w.shape[0])
                     w[sl] -= delta_weight(p).to(w.dtype)
         hub.install()
+
+
+@contextmanager
+def suspended(owners: Sequence[object], points: Sequence[InjectionPoint]) -> Iterator[None]:
+    """Inside the block the updates of ``owners`` on ``points`` do not run; the weights are not touched (unmerge a
+    merged owner first). On exit every hub has exactly the entries it had, in the same order."""
+    ids = {id(o) for o in owners}
+    hubs = [_hub(m) for m in {id(p.module): p.module for p in points}.values()]
+    saved = [(hub, hub.entries) for hub in hubs]
+    for hub, entries in saved:
+        hub.entries = [e for e in entries if id(e[0]) not in ids]
+    try:
+        yield
+    finally:
+        for hub, entries in saved:
+            hub.entries = entries
+
+
+def is_merged(owner: object, points: Sequence[InjectionPoint]) -> bool:
+    """Whether ``owner``'s updates are folded into the weights of these points' linears (:func:`merge`)."""
+    return any(id(owner) in _hub(p.module).merged_owners for p in points)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # torch is imported lazily so `unitrans list` / `validate` stay light
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -71,17 +73,36 @@ def match_points(points: Sequence[InjectionPoint], patterns: Sequence[str], laye
     return chosen, unmatched
 
 
-class Backbone(ABC):
-    """A frozen pre-trained model, as a plugin provides it.
+#: The version of the backbone plugin contract (this module's capability interfaces). A backbone says which one it
+#: was written against in ``contract_version``; the engine refuses another, naming both (docs/backbone_plugin.md).
+CONTRACT = "2"
 
-    A backbone exposes *named injection points* for adapters, its fusion blocks for side networks, and the
-    forward functions the task heads need. It never imports the loop, the CLI or the report.
+
+class Backbone(ABC):
+    """A frozen pre-trained model, as a plugin provides it: its weights and its named injection points.
+
+    What a task, a side network or ``export`` may ask of it beyond that is declared by the capability interfaces
+    below (:class:`DualEncoder`, :class:`FusionNetwork`, :class:`FusionEncoder`, :class:`ItmHead`,
+    :class:`EncoderDecoder`, :class:`QuestionEncoder`, :class:`Exportable`): a backbone class inherits the ones it implements, a component
+    lists the ones it needs (``required_capabilities``), and :func:`check_capabilities` refuses a mismatch when a
+    spec is built, naming the missing capability. A backbone never imports the loop, the CLI or the report.
+
+    Attributes:
+        name: the registered name (``"blip.v1"``), used in messages.
+        model: the ``nn.Module`` holding every backbone weight (moved to the device, counted, merged into).
+        contract_version: the :data:`CONTRACT` the class was written against; a class that does not say is taken
+            as written for contract ``"1"`` (methods found by name), which the engine refuses.
+        image_size, image_mean, image_std: what the data module resizes and normalises images to.
+        recomputes_activations: True when blocks are recomputed in backward (gradient checkpointing): a recomputed
+            block must save the same tensors it saved the first time, so adapters then reuse nothing across blocks.
     """
 
     name: str
     model: "nn.Module"
-    # True when blocks are recomputed in backward (gradient checkpointing): a recomputed block must save the same
-    # tensors it saved the first time, so adapters then compute nothing once for several blocks.
+    contract_version: str = "1"
+    image_size: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
     recomputes_activations: bool = False
 
     @abstractmethod
@@ -92,19 +113,188 @@ class Backbone(ABC):
     def declared_points(self) -> list[str]:
         """The point vocabulary as globs (``"vision.attn.{q,k,v}"``), for error messages."""
 
-    def fusion_blocks(self) -> list["nn.Module"]:
-        """The blocks of the fusion network (``fusion.blocks``), in order. Backbones without one refuse."""
-        raise LookupError(
-            f"backbone {self.name} has no fusion network (no injection point 'fusion.blocks'); "
-            f"it declares: {', '.join(self.declared_points())}"
-        )
-
-    def fusion_width(self) -> int:
-        raise LookupError(f"backbone {self.name} has no fusion network")
-
     @abstractmethod
     def trainable_parameters(self) -> dict[str, "torch.nn.Parameter"]:
         """Backbone parameters that train (empty when frozen, everything when ``freeze = false``)."""
+
+    def capability_hint(self, capability: type) -> str:
+        """How a user gets ``capability`` from this backbone, if it can have it (e.g. BLIP: ``'set
+        backbone.task_model = "captioning"'``); ``""`` when it cannot. Appended to the refusal message."""
+        return ""
+
+
+# ---- backbone capabilities ---------------------------------------------------------------------------------------
+class DualEncoder(ABC):
+    """Unimodal image and text features for contrastive alignment (ITC, MCAM) and ITC retrieval."""
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str], device: Any) -> dict[str, "torch.Tensor"]:
+        """``{"input_ids": (B, L), "attention_mask": (B, L)}`` on ``device``."""
+
+    @abstractmethod
+    def encode_image(self, pixel_values: "torch.Tensor") -> "torch.Tensor":
+        """``(B, 3, H, W)`` (or a video ``(B, T, 3, H, W)`` where supported) -> image tokens ``(B, N, D)``; a
+        pooled dual encoder returns one token ``(B, 1, P)``."""
+
+    @abstractmethod
+    def image_feat(self, image_embeds: "torch.Tensor") -> "torch.Tensor":
+        """Image tokens -> L2-normalised ITC feature ``(B, P)``."""
+
+    @abstractmethod
+    def encode_text(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+        """``(B, L)`` -> text tokens ``(B, L, D)`` (or one pooled token ``(B, 1, P)``)."""
+
+    @abstractmethod
+    def text_feat(self, text_embeds: "torch.Tensor") -> "torch.Tensor":
+        """Text tokens -> L2-normalised ITC feature ``(B, P)``."""
+
+
+class FusionNetwork(ABC):
+    """A fusion network run as an ordered list of blocks in which text tokens attend to image tokens: what side
+    networks (QASN) hook (the injection point ``fusion.blocks``)."""
+
+    @abstractmethod
+    def fusion_blocks(self) -> list["nn.Module"]:
+        """The blocks of the fusion network, in order (what ``fusion.blocks`` names)."""
+
+    @abstractmethod
+    def fusion_width(self) -> int:
+        """D, the width of the stream the fusion blocks read and write."""
+
+    def block_reads_image(self, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+        """Whether this call of a fusion block (its positional and keyword arguments) attends to image tokens: the
+        same blocks may also run unimodally (BLIP's text encoder), and side networks act only on fused calls.
+        Default: every call does."""
+        return True
+
+    def block_input(self, args: tuple, kwargs: Mapping[str, Any]) -> "torch.Tensor":
+        """The stream ``(B, L, D)`` a fusion block's call reads. Default: its first argument or ``hidden_states``."""
+        return args[0] if args else kwargs["hidden_states"]
+
+
+class FusionEncoder(FusionNetwork):
+    """Text encoded over image tokens by the fusion network (question encoding, ITM)."""
+
+    @abstractmethod
+    def fuse(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor", image_embeds: "torch.Tensor",
+             image_atts: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Text ``(B, L)`` over image tokens ``(B, N, Dv)`` (mask ``(B, N)``, default all ones) -> ``(B, L, D)``."""
+
+
+class ItmHead(ABC):
+    """Image-text matching on the fusion network's output (ITM training and re-ranking)."""
+
+    @abstractmethod
+    def itm_logits(self, fused: "torch.Tensor") -> "torch.Tensor":
+        """:meth:`FusionEncoder.fuse` output ``(B, L, D)`` -> no-match / match logits ``(B, 2)``."""
+
+
+class EncoderDecoder(ABC):
+    """A text decoder conditioned on context tokens (image tokens, or question states): captioning and VQA.
+
+    Decoder sequences are ``[bos] text [eos]``, right-padded; a prefix (a prompt) is such a sequence without its
+    ``[eos]``. The context is ``(B, N, D)`` tokens with a ``(B, N)`` mask; a cross-attending decoder (BLIP) attends to
+    it, a decoder-only language model may read it as a prefix.
+    """
+
+    @abstractmethod
+    def encode_image(self, pixel_values: "torch.Tensor") -> "torch.Tensor":
+        """``(B, 3, H, W)`` -> image tokens ``(B, N, D)``, the context of a captioning decoder."""
+
+    @abstractmethod
+    def decoder_tokenize(self, texts: Sequence[str], device: Any,
+                         max_length: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``[bos] text [eos]`` per text, right-padded: ``input_ids (B, L)``, ``attention_mask (B, L)``."""
+
+    @abstractmethod
+    def decode_logits(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor | None",
+                      context: "torch.Tensor", context_mask: "torch.Tensor") -> "torch.Tensor":
+        """Next-token logits ``(B, L, V)`` for decoder input ``(B, L)`` (mask ``None``: all valid); position t
+        predicts token t + 1."""
+
+    @abstractmethod
+    def generate(self, prefix_ids: "torch.Tensor", context: "torch.Tensor", context_mask: "torch.Tensor", *,
+                 num_beams: int, max_length: int, min_length: int = 1,
+                 repetition_penalty: float = 1.0) -> "torch.Tensor":
+        """Beam search (no sampling) from ``prefix_ids (B, P)``: ``(B, <= max_length)`` token ids, the prefix
+        included (``max_length`` and ``min_length`` count it too), ended by ``[eos]`` or the length."""
+
+    @abstractmethod
+    def decode_text(self, ids: "torch.Tensor") -> list[str]:
+        """Token id rows ``(B, L)`` -> strings, special tokens dropped and whitespace stripped."""
+
+
+class QuestionEncoder(ABC):
+    """Question states for visual question answering: the question read against the image."""
+
+    @abstractmethod
+    def encode_question(self, questions: Sequence[str],
+                        image_embeds: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Questions over image tokens ``(B, N, Dv)`` -> states ``(B, Lq, D)`` and their mask ``(B, Lq)``: the
+        context an :class:`EncoderDecoder` answers from."""
+
+
+class Exportable(ABC):
+    """The adapted backbone can be written in its own library's format (``unitrans export``)."""
+
+    @abstractmethod
+    def save_pretrained(self, directory: "str | Path") -> None:
+        """Write the model (adapters merged by the caller) and its processor or tokenizer so that the backbone's own
+        library loads it with no UniTrans code; refuse (``UserError``) what that format cannot hold."""
+
+
+CAPABILITIES: tuple[type, ...] = (DualEncoder, FusionNetwork, FusionEncoder, ItmHead, EncoderDecoder,
+                                  QuestionEncoder, Exportable)
+
+
+def capability_names(backbone: Any) -> list[str]:
+    """The capability interfaces ``backbone`` implements, by name (``["DualEncoder", "ItmHead"]``)."""
+    return [c.__name__ for c in CAPABILITIES if isinstance(backbone, c)]
+
+
+def _methods(capability: type) -> str:
+    return ", ".join(sorted(getattr(capability, "__abstractmethods__", ())))
+
+
+def check_capabilities(backbone: Any, required: Sequence[type], who: str, hint: str = "") -> None:
+    """Refuse, naming the missing capability, a backbone that lacks one of ``required`` (at build time).
+
+    Args:
+        backbone: the built backbone.
+        required: capability interfaces the component needs.
+        who: the component, for the message (``"task captioning.v1"``).
+        hint: what the user may change instead (appended).
+
+    Raises:
+        UserError: ``task captioning.v1 needs backbone capability EncoderDecoder (decode_logits, ...); backbone
+            toy.v1 implements: DualEncoder. ...``
+    """
+    from unitrans.errors import UserError
+
+    check_contract(backbone)
+    missing = [c for c in required if not isinstance(backbone, c)]
+    if not missing:
+        return
+    cap = missing[0]
+    has = ", ".join(capability_names(backbone)) or "none of them"
+    advice = " ".join(s for s in (backbone.capability_hint(cap) if isinstance(backbone, Backbone) else "", hint) if s)
+    raise UserError(
+        f"{who} needs backbone capability {cap.__name__} ({_methods(cap)}); backbone "
+        f"{getattr(backbone, 'name', type(backbone).__name__)} implements: {has}." + (f" {advice}" if advice else "")
+    )
+
+
+def check_contract(backbone: Any) -> None:
+    """Refuse a backbone written for another plugin contract than :data:`CONTRACT`."""
+    from unitrans.errors import UserError
+
+    version = str(getattr(backbone, "contract_version", "1"))
+    if version != CONTRACT:
+        raise UserError(
+            f"backbone {getattr(backbone, 'name', type(backbone).__name__)} ({type(backbone).__qualname__}) is "
+            f"written for backbone contract {version}; this UniTrans implements contract {CONTRACT}. Declare the "
+            "capabilities it implements and set contract_version (docs/backbone_plugin.md, 'Contract versions')."
+        )
 
 
 class Adapter(ABC):
@@ -116,6 +306,7 @@ class Adapter(ABC):
 
     targets: list[str]
     layers: list[int] | None
+    points: list[InjectionPoint]  # the points it acts on, once attached
     # Set to False by the engine, before ``attach``, when the backbone recomputes activations: results (``A x``,
     # folded matrices) may then be reused only inside one linear's or one attention's call, never across blocks.
     reuse_across_calls: bool = True
@@ -134,6 +325,12 @@ class Adapter(ABC):
     @abstractmethod
     def unmerge(self) -> None: ...
 
+    def detach(self) -> None:
+        """Stop acting: remove this adapter's updates from the backbone (unmerge first to restore the weights)."""
+        from unitrans import injection
+
+        injection.remove_deltas(self, self.points)
+
     def clear_cache(self) -> None:
         """Drop whatever the adapter keeps between forward calls (the engine calls it after every backward and
         every evaluation, so no activation outlives its step). Default: nothing is kept."""
@@ -143,14 +340,40 @@ class Adapter(ABC):
         return "shared"
 
 
+class SharedProjection(ABC):
+    """An adapter capability: random projections ``(A, B)`` shared with other components.
+
+    A side network that needs low-rank maps of the same modality may reuse the adapter's pair (QASN reuses VCRA's
+    fusion pair, paper §3.3.1) instead of drawing its own.
+    """
+
+    @abstractmethod
+    def shared_pair(self, modality: str) -> tuple["torch.Tensor", "torch.Tensor"] | None:
+        """``(A (r, d_in_max), B (d_out_max, r))`` serving ``modality`` (``"C"``, ...), or ``None`` when no pair is
+        shared with it. The tensors are the adapter's own (trainable or frozen), not copies."""
+
+    def projector(self, modality: str):
+        """A function ``(x (..., d), d) -> A[:, :d] x (..., r)`` that may reuse the adapter's own results for the
+        same input, or ``None`` (the caller then projects itself). Default: ``None``."""
+        return None
+
+
 class SideNetwork(ABC):
     """Runs beside an ordered list of blocks through hooks on their inputs and outputs."""
+
+    def required_capabilities(self) -> tuple[type, ...]:
+        """Backbone capabilities :meth:`attach` needs (checked, by name, before it is called)."""
+        return (FusionNetwork,)
 
     @abstractmethod
     def attach(self, backbone: Backbone, adapters: Sequence[Adapter]) -> None: ...
 
     @abstractmethod
     def detach(self) -> None: ...
+
+    @abstractmethod
+    def suspended(self):
+        """A context manager inside which the side network adds nothing (the blocks run bare)."""
 
 
 class AlignmentLoss(ABC):
@@ -167,11 +390,18 @@ class AlignmentLoss(ABC):
 class Task(ABC):
     """A task head: owns its task loss and its evaluation."""
 
+    name: str = ""  # the registered name ("captioning.v1"), for messages
     metric_keys: tuple[str, ...] = ()
     primary_metric: str = ""
 
+    def required_capabilities(self) -> tuple[type, ...]:
+        """The backbone capabilities this task (with its options) uses, e.g. ``(EncoderDecoder,)``."""
+        return ()
+
     def check_backbone(self, backbone: Backbone) -> None:
-        """Refuse (``UserError``, naming both sides) a backbone that lacks what this task needs. Called at build."""
+        """Refuse (``UserError``, naming both sides) a backbone that lacks what this task needs. Called at build.
+        Default: :func:`check_capabilities` on :meth:`required_capabilities`."""
+        check_capabilities(backbone, self.required_capabilities(), f"task {self.name or type(self).__name__}")
 
     @abstractmethod
     def training_step(self, backbone: Backbone, batch: Mapping[str, Any], alignment: AlignmentLoss | None):

@@ -438,7 +438,8 @@ def _type_hints(builder: Callable) -> dict[str, Any]:
 
 
 def builder_schema(builder: Callable) -> type[BaseModel]:
-    """The pydantic model of a builder's keyword arguments, from its typed signature (cached per builder).
+    """The pydantic model of a builder's keyword arguments: its options class (a builder made with
+    :func:`unitrans.options.builds`), else a model made from its typed signature (cached per builder).
 
     Parameters without a default are required; ``Annotated[int, Field(gt=0)]`` adds constraints; a ``**kwargs``
     parameter allows extra keys. Unannotated parameters accept anything.
@@ -449,6 +450,9 @@ def builder_schema(builder: Callable) -> type[BaseModel]:
     Returns:
         A model class with ``extra="forbid"`` (``"allow"`` when the builder takes ``**kwargs``).
     """
+    options = getattr(builder, "options", None)
+    if options is not None:  # made by unitrans.options.builds: its options class is the schema
+        return options
     try:
         return _schema_cache[builder]
     except (KeyError, TypeError):

@@ -27,7 +27,8 @@ def blip_v1(
     temporal_embedding: bool = False,
     max_frames: Annotated[int, Field(gt=0)] = 32,
 ):
-    """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen.
+    """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen: ITC/ITM retrieval, captioning and VQA
+    heads, from a hub id, a local directory or a random-init preset.
 
     Args:
         preset: a named architecture with random init (``tiny``: 64 wide, 2 layers, 64 px, for tests and the

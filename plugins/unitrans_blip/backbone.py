@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans.errors import UserError
-from unitrans.interfaces import Backbone, InjectionPoint
+from unitrans.interfaces import (
+    CONTRACT,
+    Backbone,
+    DualEncoder,
+    EncoderDecoder,
+    Exportable,
+    FusionEncoder,
+    InjectionPoint,
+    ItmHead,
+    QuestionEncoder,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,8 +110,13 @@ def preset_config(preset: str, tokenizer, image_size: int | None):
                       initializer_range=p["tinit"])
 
 
-class BlipBackbone(Backbone):
+class BlipBackbone(Backbone, Exportable):
     """BLIP (ViT + BERT with cross-attention), frozen, with named injection points.
+
+    ``BlipBackbone(task_model=...)`` builds the class of that head, which declares the capabilities the head's
+    model has (as ``pathlib.Path()`` builds a ``PosixPath``): :class:`BlipRetrieval` (dual encoder, fusion encoder,
+    ITM head), :class:`BlipCaptioning` (encoder-decoder), :class:`BlipVQA` (fusion encoder, question encoder,
+    encoder-decoder). Every one is :class:`~unitrans.interfaces.Exportable`.
 
     Injection points (layer-free names; modality in brackets):
 
@@ -116,6 +131,14 @@ class BlipBackbone(Backbone):
     """
 
     name = "blip.v1"
+    contract_version = CONTRACT
+
+    def __new__(cls, *args, task_model: str = "retrieval", **kwargs):
+        if cls is BlipBackbone:
+            if task_model not in _HEADS:
+                raise UserError(f"backbone blip.v1: task_model '{task_model}' is not one of {', '.join(_HEADS)}")
+            cls = _HEADS[task_model]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -226,8 +249,6 @@ class BlipBackbone(Backbone):
         return self._points
 
     def fusion_blocks(self) -> list[nn.Module]:
-        if not hasattr(self.model, "text_encoder"):
-            return super().fusion_blocks()
         return list(self.model.text_encoder.encoder.layer)
 
     def fusion_width(self) -> int:
@@ -303,8 +324,82 @@ class BlipBackbone(Backbone):
         return out.last_hidden_state
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
-        """``(B, L, Dt)`` -> match / no-match logits ``(B, 2)``."""
+        """``(B, L, Dt)`` -> no-match / match logits ``(B, 2)``."""
         return self.model.itm_head(fused[:, 0, :])
+
+    def block_reads_image(self, args: tuple, kwargs) -> bool:
+        """A text-encoder layer attends to the image when it is given ``encoder_hidden_states`` (its second
+        positional argument in ``BlipTextEncoder``); without them it runs as the unimodal text encoder."""
+        enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        return enc is not None
+
+    # ---- the text decoder (captioning and VQA heads) ------------------------------------------------------------
+    def decoder_tokenize(self, texts: Sequence[str], device, max_length: int | None = None):
+        """``[DEC] text [SEP]`` as BLIP builds decoder input (the tokenizer's ``[CLS]`` replaced by the ``[DEC]``
+        bos), right-padded: ``input_ids (B, L)``, ``attention_mask (B, L)`` on ``device``."""
+        tok = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=max_length or self.max_text_length, return_tensors="pt")
+        ids = tok["input_ids"].clone()
+        ids[:, 0] = self.bos_token_id
+        return ids.to(device), tok["attention_mask"].to(device)
+
+    def decode_logits(self, input_ids, attention_mask, context, context_mask) -> torch.Tensor:
+        """``text_decoder`` (BERT LM with cross-attention to ``context (B, N, D)``): logits ``(B, L, V)``."""
+        return self.model.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                       encoder_hidden_states=context, encoder_attention_mask=context_mask).logits
+
+    def generate(self, prefix_ids, context, context_mask, *, num_beams: int, max_length: int, min_length: int = 1,
+                 repetition_penalty: float = 1.0) -> torch.Tensor:
+        """``text_decoder.generate`` (beam search, no sampling), ending at ``[SEP]``: ``(B, <= max_length)``."""
+        tok = self.tokenizer
+        return self.model.text_decoder.generate(
+            input_ids=prefix_ids, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+            num_beams=num_beams, max_length=max_length, min_length=min_length,
+            repetition_penalty=repetition_penalty, do_sample=False, eos_token_id=tok.sep_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+
+    def decode_text(self, ids: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    def encode_question(self, questions: Sequence[str], image_embeds: torch.Tensor):
+        """``[ENC] question`` through the text encoder over the image tokens (BLIP VQA): states ``(B, Lq, Dt)``
+        and their mask ``(B, Lq)``."""
+        tok = self.tokenize(questions, image_embeds.device)
+        return self.fuse(tok["input_ids"], tok["attention_mask"], image_embeds), tok["attention_mask"]
+
+    # ---- export and refusals -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """``save_pretrained`` of the model and of its processor (or tokenizer): loads with plain ``transformers``.
+        A learned temporal embedding is not part of BLIP's architecture and is refused."""
+        if getattr(self.model, "temporal_embedding", None) is not None:
+            raise UserError("export: the backbone's learned temporal embedding is not part of the transformers "
+                            "architecture (from_pretrained would drop it); export supports image backbones only")
+        self.model.save_pretrained(str(directory))
+        extra = self.processor if self.processor is not None else self.tokenizer
+        extra.save_pretrained(str(directory))
+
+    def capability_hint(self, capability: type) -> str:
+        heads = [t for t, cls in _HEADS.items() if issubclass(cls, capability)]
+        if not heads:
+            return ""
+        models = ", ".join(f'"{t}" ({_MODEL_CLASSES[t]})' for t in heads)
+        return f"Set backbone.task_model = {models}; this one is \"{self.task_model}\"."
+
+
+class BlipRetrieval(BlipBackbone, DualEncoder, FusionEncoder, ItmHead):
+    """``BlipForImageTextRetrieval``: ITC features, the text encoder's multimodal mode and the ITM head."""
+
+
+class BlipCaptioning(BlipBackbone, EncoderDecoder):
+    """``BlipForConditionalGeneration``: the vision encoder and the text decoder (no text encoder)."""
+
+
+class BlipVQA(BlipBackbone, FusionEncoder, QuestionEncoder, EncoderDecoder):
+    """``BlipForQuestionAnswering``: question encoder over the image (fusion blocks), answer decoder."""
+
+
+_HEADS: dict[str, type[BlipBackbone]] = {"retrieval": BlipRetrieval, "captioning": BlipCaptioning, "vqa": BlipVQA}
 
 
 def _point(name, layer, modality, linear: nn.Linear, group, attention=None) -> InjectionPoint:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans.errors import UserError
-from unitrans.interfaces import Backbone, InjectionPoint
+from unitrans.interfaces import CONTRACT, Backbone, DualEncoder, InjectionPoint
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -219,7 +219,7 @@ def _build_preset(preset: str, image_size, context_length):
 
 
 # ---- the backbone ----------------------------------------------------------------------------------------------
-class ClipBackbone(Backbone):
+class ClipBackbone(Backbone, DualEncoder):
     """CLIP (Radford et al. 2021) from ``open_clip``, frozen, with named injection points.
 
     Injection points (layer-free names; modality in brackets):
@@ -235,6 +235,7 @@ class ClipBackbone(Backbone):
     """
 
     name = "clip.v1"
+    contract_version = CONTRACT
 
     def __init__(self, model="ViT-B-32", pretrained=None, preset=None, freeze=True, train_parts=(),
                  image_size=None, max_text_length=None, random_init=False):

@@ -1,83 +1,73 @@
 """Adapters: registered builders (light: no torch at import). Implementations: ``lora.py``, ``vcra.py``.
 
-A builder's typed signature is its spec schema: ``[[adapters]] name = "vcra.v1"  rank = 64`` is validated against
-:func:`vcra_v1`'s parameters before anything heavy is imported.
+Each adapter's options are declared once, as an :class:`~unitrans.options.Options` class here: the fields are the
+spec keys (``[[adapters]] name = "vcra.v1"  rank = 64``), validated before anything heavy is imported, and the
+implementation receives the validated object.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import Field
+from typing import Literal
 
 from unitrans import registry
+from unitrans.options import Options, PositiveFloat, PositiveInt, Probability, builds
 
-PositiveInt = Annotated[int, Field(gt=0)]
 DEFAULT_TARGETS = ["vision.attn.[qkv]", "text.attn.[qkv]", "fusion.attn.[qkv]"]  # paper §4.1: q, k, v
 
 
-@registry.adapters.register("lora.v1")
-def lora_v1(
-    targets: list[str] = ["vision.attn.q", "vision.attn.v", "text.attn.q", "text.attn.v"],
-    rank: PositiveInt = 8,
-    alpha: Annotated[float, Field(gt=0)] | None = None,
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
-    layers: list[int] | None = None,
-):
-    """LoRA (Hu et al. 2021; UniTrans eq. 2): ``h = W0 x + (alpha / r) B A x`` with its own A, B per point.
+class LoRAOptions(Options):
+    """LoRA (Hu et al. 2021; UniTrans eq. 2): ``h = W0 x + (alpha / r) B A x`` with its own A, B per point."""
 
-    Args:
-        targets: globs over the backbone's injection points (``"vision.attn.*"``, ``"*.attn.q"``).
-        rank: r.
-        alpha: scaling numerator; ``None`` means ``alpha = rank`` (scale 1).
-        dropout: dropout on the adapter's input.
-        layers: restrict to these layer indices (``None``: all layers).
-    """
+    targets: list[str] = ["vision.attn.q", "vision.attn.v", "text.attn.q", "text.attn.v"]
+    """globs over the backbone's injection points (``"vision.attn.*"``, ``"*.attn.q"``)."""
+    rank: PositiveInt = 8
+    """r."""
+    alpha: PositiveFloat | None = None
+    """scaling numerator; ``None`` means ``alpha = rank`` (scale 1)."""
+    dropout: Probability = 0.0
+    """dropout on the adapter's input."""
+    layers: list[int] | None = None
+    """restrict to these layer indices (``None``: all layers)."""
+
+
+class VCRAOptions(Options):
+    """VCRA (UniTrans eq. 3-4): ``h = W0 x + s_M diag(λb) B diag(λa) A x`` with A, B shared across modalities."""
+
+    targets: list[str] = DEFAULT_TARGETS
+    """globs over the backbone's injection points."""
+    rank: PositiveInt = 64
+    """r, the rows of A."""
+    share: Literal["all", "modality", "none"] = "all"
+    """``"all"`` one A, B pair for vision, text and fusion (the decoder gets its own), ``"modality"`` one pair
+    per modality (Table 8 "+scaling vectors"), ``"none"`` one pair per point."""
+    train_projections: bool = True
+    """train A and B (the paper's parameter count includes them). ``False``: frozen, regenerated from
+    ``projection_seed`` and never saved (VeRA-style)."""
+    projection_seed: int = 0
+    """seed of the generator that draws A and B (same on every machine and rank)."""
+    share_kv_scaling: bool = True
+    """k and v of one attention share their λ pair (paper §4.1)."""
+    scale_init: float = 1.0
+    """initial value of the learnable per-modality scale ``s``."""
+    lambda_a_init: float = 1.0
+    """initial λa (paper: 1)."""
+    lambda_b_init: float = 0.0
+    """initial λb (paper: 0, so the model equals the frozen backbone at init)."""
+    layers: list[int] | None = None
+    """restrict to these layer indices (``None``: all layers)."""
+
+
+@registry.adapters.register("lora.v1")
+@builds(LoRAOptions)
+def lora_v1(options: LoRAOptions):
     from unitrans.adapters.lora import LoRA
 
-    return LoRA(targets=targets, rank=rank, alpha=alpha, dropout=dropout, layers=layers)
+    return LoRA(options)
 
 
 @registry.adapters.register("vcra.v1")
-def vcra_v1(
-    targets: list[str] = DEFAULT_TARGETS,
-    rank: PositiveInt = 64,
-    share: Literal["all", "modality", "none"] = "all",
-    train_projections: bool = True,
-    projection_seed: int = 0,
-    share_kv_scaling: bool = True,
-    scale_init: float = 1.0,
-    lambda_a_init: float = 1.0,
-    lambda_b_init: float = 0.0,
-    layers: list[int] | None = None,
-):
-    """VCRA (UniTrans eq. 3-4): ``h = W0 x + s_M diag(λb) B diag(λa) A x`` with A, B shared across modalities.
-
-    Args:
-        targets: globs over the backbone's injection points.
-        rank: r, the rows of A.
-        share: ``"all"`` one A, B pair for vision, text and fusion (the decoder gets its own), ``"modality"``
-            one pair per modality (Table 8 "+scaling vectors"), ``"none"`` one pair per point.
-        train_projections: train A and B (the paper's parameter count includes them). ``False``: frozen,
-            regenerated from ``projection_seed`` and never saved (VeRA-style).
-        projection_seed: seed of the generator that draws A and B (same on every machine and rank).
-        share_kv_scaling: k and v of one attention share their λ pair (paper §4.1).
-        scale_init: initial value of the learnable per-modality scale ``s``.
-        lambda_a_init: initial λa (paper: 1).
-        lambda_b_init: initial λb (paper: 0, so the model equals the frozen backbone at init).
-        layers: restrict to these layer indices (``None``: all layers).
-    """
+@builds(VCRAOptions)
+def vcra_v1(options: VCRAOptions):
     from unitrans.adapters.vcra import VCRA
 
-    return VCRA(
-        targets=targets,
-        rank=rank,
-        share=share,
-        train_projections=train_projections,
-        projection_seed=projection_seed,
-        share_kv_scaling=share_kv_scaling,
-        scale_init=scale_init,
-        lambda_a_init=lambda_a_init,
-        lambda_b_init=lambda_b_init,
-        layers=layers,
-    )
+    return VCRA(options)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans import injection
+from unitrans.adapters import LoRAOptions
 from unitrans.interfaces import Adapter, InjectionPoint
 
 
@@ -24,11 +25,12 @@ class LoRA(nn.Module, Adapter):
     backbone at init. Fused projections (BLIP's vision qkv) are three points with three pairs.
     """
 
-    def __init__(self, targets, rank=8, alpha=None, dropout=0.0, layers=None):
+    def __init__(self, options: LoRAOptions):
         super().__init__()
-        self.targets, self.layers, self.rank = list(targets), layers, rank
-        self.scaling = (alpha if alpha is not None else rank) / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        o = self.options = options  # the validated spec fields (unitrans.adapters.LoRAOptions)
+        self.targets, self.layers, self.rank = list(o.targets), o.layers, o.rank
+        self.scaling = (o.alpha if o.alpha is not None else o.rank) / o.rank
+        self.dropout = nn.Dropout(o.dropout) if o.dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.points: list[InjectionPoint] = []

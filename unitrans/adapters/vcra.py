@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans import injection
-from unitrans.interfaces import Adapter, InjectionPoint
+from unitrans.adapters import VCRAOptions
+from unitrans.interfaces import Adapter, InjectionPoint, SharedProjection
 
 
 def _safe(key: str) -> str:
@@ -32,7 +33,7 @@ def _whole_module(group: list[InjectionPoint]) -> InjectionPoint | None:
                           p0.input_group, p0.attention)
 
 
-class VCRA(nn.Module, Adapter):
+class VCRA(nn.Module, Adapter, SharedProjection):
     """Eq. 4: ``VCRA(x^M) = W0 x^M + s_M · diag(λb) B diag(λa) A x^M``, ``M ∈ {V, T, C}``.
 
     * One pair ``A (r, d_in_max)``, ``B (d_out_max, r)`` is shared by every targeted point of the vision encoder,
@@ -61,24 +62,13 @@ class VCRA(nn.Module, Adapter):
     # input, the image tokens and the cross-attention output-dense input; QASN then asks for the block input.
     CACHE_INPUTS = 6
 
-    def __init__(
-        self,
-        targets,
-        rank=64,
-        share="all",
-        train_projections=True,
-        projection_seed=0,
-        share_kv_scaling=True,
-        scale_init=1.0,
-        lambda_a_init=1.0,
-        lambda_b_init=0.0,
-        layers=None,
-    ):
+    def __init__(self, options: VCRAOptions):
         super().__init__()
-        self.targets, self.layers, self.rank = list(targets), layers, rank
-        self.share, self.train_projections, self.projection_seed = share, train_projections, projection_seed
-        self.share_kv_scaling = share_kv_scaling
-        self.scale_init, self.lambda_a_init, self.lambda_b_init = scale_init, lambda_a_init, lambda_b_init
+        o = self.options = options  # the validated spec fields (unitrans.adapters.VCRAOptions)
+        self.targets, self.layers, self.rank = list(o.targets), o.layers, o.rank
+        self.share, self.train_projections, self.projection_seed = o.share, o.train_projections, o.projection_seed
+        self.share_kv_scaling = o.share_kv_scaling
+        self.scale_init, self.lambda_a_init, self.lambda_b_init = o.scale_init, o.lambda_a_init, o.lambda_b_init
         self.A = nn.ParameterDict()  # pair key -> (r, d_in_max); empty when projections are frozen
         self.B = nn.ParameterDict()  # pair key -> (d_out_max, r)
         self.lambda_a = nn.ParameterDict()  # scaling key -> (r,)
@@ -165,8 +155,8 @@ class VCRA(nn.Module, Adapter):
             return self.A[_safe(key)], self.B[_safe(key)]
         return self._frozen_pairs[key]
 
-    def pair_for_modality(self, modality: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The pair that serves ``modality`` (QASN reuses the fusion pair), or ``None``."""
+    def shared_pair(self, modality: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pair that serves ``modality`` (QASN reuses the fusion pair), or ``None`` (``share = "none"``)."""
         for key, mods in self.pair_modalities.items():
             if modality in mods and (self.share != "none"):
                 return self.pair(key)

@@ -1,11 +1,11 @@
 """Spec -> objects: registry lookups, backbone, injection points, adapters, side network, losses, task, data.
 
-This is the only place that looks anything up in the registries; the loop receives built objects.
+This is the only place that looks anything up in the registries; the loop receives built objects (a
+:class:`~unitrans.handle.Handle`). :func:`unitrans.attach` uses the same attach functions on a user's model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,89 +13,94 @@ from torch import nn
 
 from unitrans import registry
 from unitrans.errors import UserError
-from unitrans.interfaces import match_points
+from unitrans.handle import Handle
+from unitrans.interfaces import check_capabilities, check_contract, match_points
 
 
-@dataclass
-class Built:
-    backbone: Any
-    adapters: list
-    side_network: Any
-    alignment: Any
-    task: Any
-    data: Any
-    names: dict[str, str] = field(default_factory=dict)  # component slot -> pinned registered name
-    trainable: nn.ModuleDict = None  # adapters + side network (the parts an adapter checkpoint holds)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor by a stable name: adapters, side network and unfrozen backbone parts."""
-        state = {n: p for n, p in self.trainable.named_parameters() if p.requires_grad}
-        for n, p in self.backbone.trainable_parameters().items():
-            state[f"backbone.{n}"] = p
-        return state
-
-
-def _build(kind: str, comp) -> tuple[str, Any]:
+def build_component(kind: str, comp, location: str | None = None) -> tuple[str, Any]:
+    """``(pinned name, component)`` of a component spec: its builder called with its validated options
+    (``location``, e.g. ``"adapters[0]"``, starts each error line)."""
     from unitrans.spec import component_kwargs
 
     name = registry.resolve_name(kind, comp.name)
-    return name, registry.get(kind, name)(**component_kwargs(kind, comp))
+    return name, registry.get(kind, name)(**component_kwargs(kind, comp, location))
 
 
 def _off(comp) -> bool:
     return comp is None or comp.name == "none"
 
 
-def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> Built:
-    """Build every component of ``spec``; the backbone is moved to ``device`` before adapters attach."""
-    registry.load_plugins(spec.plugins)
-    names: dict[str, str] = {}
-    names["backbone"], backbone = _build("backbones", spec.backbone)
-    backbone.model.to(device)
+def attach_adapters(backbone, adapters: list[tuple[str, Any]]) -> None:
+    """Attach each ``(name, adapter)`` at the backbone's points its targets select (in list order).
+
+    Raises:
+        UserError: a target matches no point, or the targets and layers select none; the message names the
+            backbone's declared points.
+    """
     points = backbone.injection_points()
-    adapters = []
-    for i, comp in enumerate(spec.adapters):
-        name, adapter = _build("adapters", comp)
-        names[f"adapters.{i}"] = name
+    for i, (name, adapter) in enumerate(adapters):
         chosen, unmatched = match_points(points, adapter.targets, adapter.layers)
         if unmatched:
             raise UserError(
                 f"adapters[{i}] ({name}): target(s) {', '.join(repr(u) for u in unmatched)} match no injection point; "
-                f"backbone {names['backbone']} declares: {', '.join(backbone.declared_points())}"
+                f"backbone {backbone.name} declares: {', '.join(backbone.declared_points())}"
             )
         if not chosen:
             raise UserError(f"adapters[{i}] ({name}): targets {adapter.targets} with layers={adapter.layers} "
                             "select no injection point")
-        if getattr(backbone, "recomputes_activations", False):
+        if backbone.recomputes_activations:
             adapter.reuse_across_calls = False
         adapter.attach(chosen)
-        adapters.append(adapter)
-    side = None
-    if not _off(spec.side_network):
-        names["side_network"], side = _build("side_networks", spec.side_network)
-        try:
-            side.attach(backbone, adapters)
-        except LookupError as exc:
-            raise UserError(f"side network {names['side_network']} needs injection point 'fusion.blocks'; "
-                            f"{exc}") from None
-    alignment = None
-    if not _off(spec.alignment_loss):
-        names["alignment_loss"], alignment = _build("alignment_losses", spec.alignment_loss)
-    names["task"], task = _build("tasks", spec.task)
-    check = getattr(task, "check_backbone", None)
-    if check is not None:
-        check(backbone)  # e.g. ITM needs a fusion network: refuse before any data is read
-    data = None
-    if with_data:
-        names["data"], data = _build("datasets", spec.data)
+
+
+def attach_side_network(backbone, name: str, side, adapters: list) -> None:
+    """Check the backbone has what the side network needs (by capability name), then attach it."""
+    check_capabilities(backbone, side.required_capabilities(), f"side network {name}",
+                       hint=f"Side networks hook injection point 'fusion.blocks'; backbone {backbone.name} "
+                            f"declares: {', '.join(backbone.declared_points())}.")
+    side.attach(backbone, adapters)
+
+
+def trainable_module(adapters: list, side) -> nn.ModuleDict:
+    """Adapters and side network as one module (``adapters.0.*``, ``side_network.*``: the checkpoint names)."""
     trainable = nn.ModuleDict({"adapters": nn.ModuleList(adapters)})
     if side is not None:
         trainable["side_network"] = side
-    trainable.to(device)
-    return Built(backbone, adapters, side, alignment, task, data, names, trainable)
+    return trainable
 
 
-def count_parameters(built: Built) -> dict:
+def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> Handle:
+    """Build every component of ``spec``; the backbone is moved to ``device`` before adapters attach.
+
+    Every capability a component needs is checked against the backbone before any data is read.
+    """
+    registry.load_plugins(spec.plugins)
+    names: dict[str, str] = {}
+    names["backbone"], backbone = build_component("backbones", spec.backbone)
+    check_contract(backbone)
+    backbone.model.to(device)
+    adapters = []
+    for i, comp in enumerate(spec.adapters):
+        names[f"adapters.{i}"], adapter = build_component("adapters", comp)
+        adapters.append(adapter)
+    attach_adapters(backbone, [(names[f"adapters.{i}"], a) for i, a in enumerate(adapters)])
+    side = None
+    if not _off(spec.side_network):
+        names["side_network"], side = build_component("side_networks", spec.side_network)
+        attach_side_network(backbone, names["side_network"], side, adapters)
+    alignment = None
+    if not _off(spec.alignment_loss):
+        names["alignment_loss"], alignment = build_component("alignment_losses", spec.alignment_loss)
+    names["task"], task = build_component("tasks", spec.task)
+    task.check_backbone(backbone)  # e.g. captioning needs an encoder-decoder: refuse before any data is read
+    data = None
+    if with_data:
+        names["data"], data = build_component("datasets", spec.data)
+    trainable = trainable_module(adapters, side).to(device)
+    return Handle(backbone, adapters, side, alignment, task, data, names, trainable, spec=spec)
+
+
+def count_parameters(built: Handle) -> dict:
     """Total / trainable parameters, by component and by modality (the paper's "# Tunable")."""
     backbone_params = list(built.backbone.model.parameters())
     by_component: dict[str, dict[str, int]] = {

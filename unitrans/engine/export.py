@@ -1,4 +1,4 @@
-"""``unitrans export``: fold trained adapters into the backbone and write a plain ``save_pretrained`` directory."""
+"""``unitrans export``: fold trained adapters into the backbone and write it in its own library's format."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 from unitrans.engine.build import build
 from unitrans.engine.checkpoint import load_adapter
 from unitrans.errors import UserError
+from unitrans.interfaces import Exportable, check_capabilities
 
 
 def export(spec, checkpoint: Path, out: Path) -> Path:
-    """Build ``spec``, load the adapter checkpoint, merge every adapter and save the backbone.
+    """Build ``spec``, load the adapter checkpoint of the run folder ``checkpoint``, merge and save the backbone.
 
     The result loads with the backbone's own ``from_pretrained`` (for BLIP, e.g.
     ``BlipForImageTextRetrieval.from_pretrained(out)``) and gives the adapted model's outputs with no UniTrans
@@ -20,28 +21,30 @@ def export(spec, checkpoint: Path, out: Path) -> Path:
     import torch
 
     if spec.side_network is not None:
-        raise UserError(
-            f"export: side network {spec.side_network.name} adds computation beside the fusion blocks and cannot be "
-            "merged into the backbone's weights; export works for adapters (and trained backbone parts) only. "
-            "Use the adapter checkpoint with `unitrans run`/the library to keep QASN."
-        )
+        raise UserError(_side_network_message(spec.side_network.name))
     torch.manual_seed(spec.seed)
-    built = build(spec, "cpu", with_data=False)
-    if getattr(built.backbone.model, "temporal_embedding", None) is not None:
-        raise UserError("export: the backbone's learned temporal embedding is not part of the transformers "
-                        "architecture (from_pretrained would drop it); export supports image backbones only")
-    load_adapter(built, Path(checkpoint))
-    for adapter in built.adapters:
-        adapter.merge()
-    model = built.backbone.model
-    if not hasattr(model, "save_pretrained"):
-        raise UserError(f"export: backbone {built.names['backbone']} has no save_pretrained")
+    handle = build(spec, "cpu", with_data=False)
+    load_adapter(handle, Path(checkpoint))
+    return export_merged(handle, Path(out))
+
+
+def export_merged(handle, out: Path) -> Path:
+    """Merge every adapter of ``handle``, write the backbone with its :class:`Exportable` ``save_pretrained`` into
+    ``out`` (created) and unmerge again. Returns ``out``."""
+    if handle.side_network is not None:
+        raise UserError(_side_network_message(handle.names.get("side_network", "side network")))
+    check_capabilities(handle.backbone, (Exportable,), "export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    for name in ("processor", "tokenizer"):
-        obj = getattr(built.backbone, name, None)
-        if obj is not None and hasattr(obj, "save_pretrained"):
-            obj.save_pretrained(str(out))
-            break
+    handle.merge()
+    try:
+        handle.backbone.save_pretrained(out)
+    finally:
+        handle.unmerge()
     return out
+
+
+def _side_network_message(name: str) -> str:
+    return (f"export: side network {name} adds computation beside the fusion blocks and cannot be merged into the "
+            "backbone's weights; export works for adapters (and trained backbone parts) only. Use the adapter "
+            "checkpoint with `unitrans run`/the library to keep QASN.")

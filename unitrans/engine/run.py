@@ -149,8 +149,13 @@ def _clear_adapter_caches(built) -> None:
             clear()
 
 
-def run(spec) -> int:
-    """Train and evaluate ``spec`` in this process (one rank of a torchrun job, or alone). Returns 0."""
+def run(spec) -> dict:
+    """Train and evaluate ``spec`` in this process (one rank of a torchrun job, or alone).
+
+    Returns:
+        The final metrics (what ``metrics.json`` holds: the task's metrics, ``train_time_s``, ``steps``,
+        ``world_size``), on every rank.
+    """
     device = dist.init_from_env(spec.train.device)
     try:
         return _run(spec, device)
@@ -158,7 +163,7 @@ def run(spec) -> int:
         dist.cleanup()
 
 
-def _run(spec, device: torch.device) -> int:
+def _run(spec, device: torch.device) -> dict:
     from unitrans.spec import write_resolved
 
     out = Path(spec.output_dir)
@@ -208,7 +213,7 @@ def _run(spec, device: torch.device) -> int:
     keys = [k for k in built.task.metric_keys if k in metrics]
     _say(f"after fine-tuning  ({spec.eval.split}): {_format_metrics({k: metrics[k] for k in keys})}")
     _say(f"done in {time.time() - t0:.1f}s; outputs in {out}/")
-    return 0
+    return metrics
 
 
 def _resume_path(spec, out: Path) -> Path | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unitrans.interfaces import SideNetwork
+from unitrans.interfaces import SharedProjection, SideNetwork
 
 
 class QASN(nn.Module, SideNetwork):
@@ -33,20 +36,22 @@ class QASN(nn.Module, SideNetwork):
         self._x: dict[int, torch.Tensor] = {}
         self._h: dict[int, torch.Tensor | None] = {}
         self._active: dict[int, bool] = {}
+        self._suspended = False
         self.uses_shared_pair = False
 
     def attach(self, backbone, adapters) -> None:
-        blocks = backbone.fusion_blocks()  # raises LookupError naming what the backbone declares
+        blocks = backbone.fusion_blocks()
         d = backbone.fusion_width()
+        self._backbone = backbone  # its FusionEncoder says which block calls read the image, and their input
         device = next(blocks[0].parameters()).device
         if self.projections == "shared":
             for adapter in adapters:
-                pair = getattr(adapter, "pair_for_modality", lambda m: None)("C")
+                pair = adapter.shared_pair("C") if isinstance(adapter, SharedProjection) else None
                 if pair is not None and pair[0].shape[1] >= d and pair[1].shape[0] >= d:
                     self._pair, self.uses_shared_pair = pair, True
                     self.rank = pair[0].shape[0]
                     # A x_i is what the adapter's fusion self-attention already computed for the same x_i
-                    self._project = getattr(adapter, "projector", lambda m: None)("C")
+                    self._project = adapter.projector("C")
                     break
         if self._pair is None:
             from unitrans.adapters.vcra import VCRA
@@ -68,14 +73,22 @@ class QASN(nn.Module, SideNetwork):
             h.remove()
         self._handles = []
 
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Inside the block the fusion blocks run bare (no side-network term is added)."""
+        before, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = before
+
     def _pre_hook(self, i: int):
         def hook(module, args, kwargs):
-            enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-            self._active[i] = enc is not None
-            if enc is not None:
+            active = self._active[i] = not self._suspended and self._backbone.block_reads_image(args, kwargs)
+            if active:
                 if i == 0:
                     self._x, self._h = {}, {0: None}  # h_0 = 0
-                self._x[i] = args[0] if args else kwargs["hidden_states"]
+                self._x[i] = self._backbone.block_input(args, kwargs)
             return None
 
         return hook

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from unitrans import registry
-
-PositiveInt = Annotated[int, Field(gt=0)]
+from unitrans.options import NonNegativeInt, Options, PositiveFloat, PositiveInt, Probability, builds
 
 
 @registry.tasks.register("retrieval.v1")
@@ -42,72 +41,79 @@ def retrieval_v1(
                      itm_batch=itm_batch, hard_negative_temperature=hard_negative_temperature)
 
 
-@registry.tasks.register("captioning.v1")
-def captioning_v1(
-    prompt: str = "a picture of ",
-    num_beams: PositiveInt = 3,
-    max_length: PositiveInt = 20,
-    min_length: Annotated[int, Field(ge=0)] = 5,
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0,
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1,
-):
-    """Image captioning on BLIP's decoder: prompted LM loss, beam search, BLEU-4 and CIDEr (x100).
+class CaptioningOptions(Options):
+    """Image captioning on an encoder-decoder (BLIP's decoder): prompted LM loss, beam search, BLEU-4 and CIDEr (x100).
 
-    Training: next-token loss on ``[DEC] prompt caption [SEP]`` with ``[DEC]`` and the prompt masked out (BLIP).
+    Training: next-token loss on ``[bos] prompt caption [eos]`` with ``[bos]`` and the prompt masked out (BLIP).
     The spec's alignment loss is ignored (a captioning model has no unimodal text features): set
-    ``alignment_loss = "none"``. Needs ``backbone.task_model = "captioning"``.
-    Evaluation: beam search from ``[DEC] prompt``, prompt stripped; ``bleu4`` and ``cider`` (pycocoevalcap,
+    ``alignment_loss = "none"``. Needs a backbone with the ``EncoderDecoder`` capability (BLIP:
+    ``backbone.task_model = "captioning"``).
+    Evaluation: beam search from ``[bos] prompt``, prompt stripped; ``bleu4`` and ``cider`` (pycocoevalcap,
     built-in tokenizer, x100 as the paper reports); writes ``captions_<split>.json`` (``[{image_id, caption}]``).
-
-    Args:
-        prompt: text the decoder starts from (BLIP: ``"a picture of "``).
-        num_beams: beam width.
-        max_length: most tokens of a generated sequence, ``[DEC]`` and prompt included (BLIP: 20).
-        min_length: fewest tokens of a generated sequence, prompt included (BLIP: 5).
-        repetition_penalty: generation's repetition penalty (1.0: none; BLIP uses 1.0 with beam search).
-        label_smoothing: of the LM loss (BLIP: 0.1).
     """
-    if min_length > max_length:
-        from unitrans.errors import UserError
 
-        raise UserError(f"task captioning.v1: min_length ({min_length}) exceeds max_length ({max_length})")
+    prompt: str = "a picture of "
+    """text the decoder starts from (BLIP: ``"a picture of "``)."""
+    num_beams: PositiveInt = 3
+    """beam width."""
+    max_length: PositiveInt = 20
+    """most tokens of a generated sequence, ``[bos]`` and prompt included (BLIP: 20)."""
+    min_length: NonNegativeInt = 5
+    """fewest tokens of a generated sequence, prompt included (BLIP: 5)."""
+    repetition_penalty: PositiveFloat = 1.0
+    """generation's repetition penalty (1.0: none; BLIP uses 1.0 with beam search)."""
+    label_smoothing: Probability = 0.1
+    """of the LM loss (BLIP: 0.1)."""
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) exceeds max_length ({self.max_length})")
+        return self
+
+
+@registry.tasks.register("captioning.v1")
+@builds(CaptioningOptions)
+def captioning_v1(options: CaptioningOptions):
     from unitrans.tasks.captioning import Captioning
 
-    return Captioning(prompt=prompt, num_beams=num_beams, max_length=max_length, min_length=min_length,
-                      repetition_penalty=repetition_penalty, label_smoothing=label_smoothing)
+    return Captioning(options)
 
 
-@registry.tasks.register("vqa.v1")
-def vqa_v1(
-    inference: Literal["rank", "generate"] = "rank",
-    k_test: PositiveInt = 128,
-    answer_list: str | None = None,
-    max_answer_length: Annotated[int, Field(ge=2)] = 10,
-    num_beams: PositiveInt = 3,
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1,
-):
-    """Visual question answering on BLIP's encoder-decoder: answer-weighted decoder loss, rank or generate, VQA acc.
+class VQAOptions(Options):
+    """Visual question answering on an encoder-decoder: answer-weighted decoder loss, rank or generate, VQA accuracy.
 
-    Training: the question runs through the text encoder with cross-attention to the image; each of its answers
-    is decoded with a loss weighted by the fraction of humans who gave it (BLIP). Needs
-    ``backbone.task_model = "vqa"``; the alignment loss is ignored (``alignment_loss = "none"``).
+    Training: the question is encoded over the image (the fusion network, where QASN acts); each of its answers
+    is decoded with a loss weighted by the fraction of humans who gave it (BLIP). Needs a backbone with the
+    ``QuestionEncoder`` and ``EncoderDecoder`` capabilities (BLIP: ``backbone.task_model = "vqa"``); the alignment
+    loss is ignored (``alignment_loss = "none"``).
     Evaluation: ``rank`` (top ``k_test`` answers of the answer list by first-token probability, then by full
     log-likelihood) or ``generate`` (beam search); ``vqa_acc`` as the official VQA evaluation (x100) where the
     questions have human answers; writes ``vqa_result_<split>.json`` (``[{question_id, answer}]``, the VQAv2
     server's format).
-
-    Args:
-        inference: ``rank`` over an answer list (BLIP's VQAv2 setting) or free ``generate``.
-        k_test: candidates re-scored by full log-likelihood per question (BLIP: 128).
-        answer_list: a JSON list of candidate answers; ``None``: the data's ``answer_list``.
-        max_answer_length: most tokens of a generated answer, ``[DEC]`` included (BLIP: 10).
-        num_beams: beam width of ``generate``.
-        label_smoothing: of the training loss (BLIP: 0.1).
     """
+
+    inference: Literal["rank", "generate"] = "rank"
+    """``rank`` over an answer list (BLIP's VQAv2 setting) or free ``generate``."""
+    k_test: PositiveInt = 128
+    """candidates re-scored by full log-likelihood per question (BLIP: 128)."""
+    answer_list: str | None = None
+    """a JSON list of candidate answers; ``None``: the data's ``answer_list``."""
+    max_answer_length: Annotated[int, Field(ge=2)] = 10
+    """most tokens of a generated answer, ``[bos]`` included (BLIP: 10)."""
+    num_beams: PositiveInt = 3
+    """beam width of ``generate``."""
+    label_smoothing: Probability = 0.1
+    """of the training loss (BLIP: 0.1)."""
+
+
+@registry.tasks.register("vqa.v1")
+@builds(VQAOptions)
+def vqa_v1(options: VQAOptions):
     from pathlib import Path
 
     from unitrans.tasks.vqa import VQA
 
-    path = None if answer_list is None else str(Path(answer_list).expanduser().absolute())
-    return VQA(inference=inference, k_test=k_test, answer_list=path, max_answer_length=max_answer_length,
-               num_beams=num_beams, label_smoothing=label_smoothing)
+    if options.answer_list is not None:  # relative to where the spec is built, then fixed
+        options = options.model_copy(update={"answer_list": str(Path(options.answer_list).expanduser().absolute())})
+    return VQA(options)

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unitrans.errors import UserError
-from unitrans.interfaces import Task
+from unitrans.interfaces import DualEncoder, FusionEncoder, ItmHead, Task, check_capabilities
 
 
 def sample_negatives(sim: torch.Tensor, positives: torch.Tensor, hard: bool) -> torch.Tensor:
@@ -63,14 +62,17 @@ class Retrieval(Task):
         return F.cross_entropy(logits.float(), labels)
 
     # ---- evaluation ------------------------------------------------------------------------------------------
+    def required_capabilities(self) -> tuple[type, ...]:
+        """ITC features always; the fusion encoder and ITM head when ITM trains or re-ranks."""
+        itm = self.itm_weight > 0 or self.rerank != "itc"
+        return (DualEncoder, FusionEncoder, ItmHead) if itm else (DualEncoder,)
+
     def check_backbone(self, backbone) -> None:
-        """ITM training and ITM re-ranking need a fusion network; say so by name when the backbone has none."""
-        if (self.itm_weight > 0 or self.rerank != "itc") and not hasattr(backbone, "fuse"):
-            raise UserError(
-                f"task retrieval.v1 with itm_weight = {self.itm_weight} and rerank = '{self.rerank}' needs an ITM "
-                f"head on a fusion network; backbone {backbone.name} has none. Set task.itm_weight = 0 and "
-                "task.rerank = 'itc' (ITC-only retrieval, as CLIP does)."
-            )
+        """Refuse, naming the capability, a backbone that cannot do what the options ask (e.g. ITM on CLIP)."""
+        check_capabilities(
+            backbone, self.required_capabilities(),
+            f"task retrieval.v1 with itm_weight = {self.itm_weight} and rerank = '{self.rerank}'",
+            hint="For ITC-only retrieval (as CLIP does) set task.itm_weight = 0 and task.rerank = 'itc'.")
 
     @torch.no_grad()
     def evaluate(self, backbone, dataset, batch_size, *, device="cpu", collate=None, num_workers=0,

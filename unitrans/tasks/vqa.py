@@ -1,13 +1,16 @@
-"""Visual question answering on BLIP's encoder + decoder (``blip_vqa.py:BLIP_VQA``), scored by VQA accuracy.
+"""Visual question answering on an encoder-decoder (BLIP's ``blip_vqa.py:BLIP_VQA``), scored by VQA accuracy.
 
-* The question, ``[ENC] question [SEP]``, runs through the text encoder with cross-attention to the image tokens
-  (the fusion blocks, where QASN acts); its token states are what the decoder cross-attends to.
-* Training: each question's distinct answers are decoded (``[DEC] answer [SEP]``) against the question states,
+Through the backbone's :class:`~unitrans.interfaces.QuestionEncoder` and
+:class:`~unitrans.interfaces.EncoderDecoder` capabilities:
+
+* The question is encoded over the image tokens (BLIP: ``[ENC] question [SEP]`` through the text encoder with
+  cross-attention, the fusion blocks where QASN acts); its token states are what the decoder attends to.
+* Training: each question's distinct answers are decoded (``[bos] answer [eos]``) against the question states,
   repeated once per answer; the loss of an answer is its summed token loss times its weight (the fraction of the
   humans who gave it; 0.2 for a Visual Genome answer), summed and divided by the number of questions.
 * ``rank`` inference: every candidate of the answer list is scored by the probability of its first token; the
   ``k_test`` best are re-scored by their full log-likelihood and the best one is the answer.
-* ``generate`` inference: beam search from ``[DEC]`` (beam 3, at most ``max_answer_length`` tokens).
+* ``generate`` inference: beam search from ``[bos]`` (beam 3, at most ``max_answer_length`` tokens).
 
 BLIP ranks by its label-smoothed training loss; here the ranking uses the exact log-likelihood (no smoothing),
 which is what "most likely answer" means and what a brute-force scorer computes.
@@ -21,45 +24,28 @@ import torch
 import torch.nn.functional as F
 
 from unitrans.errors import UserError
-from unitrans.interfaces import Task
-from unitrans.tasks.captioning import (
-    decoder_tokenize,
-    gather_objects,
-    image_attention,
+from unitrans.interfaces import EncoderDecoder, QuestionEncoder, Task
+from unitrans.tasks import VQAOptions
+from unitrans.tasks.decoding import (
+    concat_across_ranks,
     loader_over,
-    need_decoder,
+    padding_ignored,
+    prefix_ids,
     shard,
     token_nll,
-    write_results,
+    write_rows,
 )
-
-
-def encode_question(backbone, questions: Sequence[str], image_embeds: torch.Tensor):
-    """``[ENC] question`` through the text encoder over the image tokens.
-
-    Returns:
-        question states ``(B, Lq, Dt)`` and their attention mask ``(B, Lq)``.
-    """
-    tok = backbone.tokenize(questions, image_embeds.device)
-    ids = tok["input_ids"].clone()
-    ids[:, 0] = backbone.enc_token_id
-    out = backbone.model.text_encoder(input_ids=ids, attention_mask=tok["attention_mask"],
-                                      encoder_hidden_states=image_embeds,
-                                      encoder_attention_mask=image_attention(image_embeds))
-    return out.last_hidden_state, tok["attention_mask"]
 
 
 def answer_log_likelihood(backbone, states: torch.Tensor, states_mask: torch.Tensor, answer_ids: torch.Tensor,
                           answer_mask: torch.Tensor) -> torch.Tensor:
-    """Log-likelihood of each ``[DEC] answer [SEP]`` row given its question states: ``(A,)``."""
-    logits = backbone.model.text_decoder(input_ids=answer_ids, attention_mask=answer_mask,
-                                         encoder_hidden_states=states, encoder_attention_mask=states_mask).logits
-    labels = answer_ids.masked_fill(answer_mask == 0, -100)
-    return -token_nll(logits, answer_ids, labels).sum(1)
+    """Log-likelihood of each ``[bos] answer [eos]`` row given its question states: ``(A,)``."""
+    logits = backbone.decode_logits(answer_ids, answer_mask, states, states_mask)  # (A, La, V)
+    return -token_nll(logits, padding_ignored(answer_ids, answer_mask)).sum(1)
 
 
 class VQA(Task):
-    """BLIP's VQA head: answer-weighted decoder loss; ``rank`` or ``generate`` inference; VQA accuracy (x100).
+    """BLIP's VQA recipe: answer-weighted decoder loss; ``rank`` or ``generate`` inference; VQA accuracy (x100).
 
     The ``alignment`` argument of :meth:`training_step` is ignored (VQA has no unimodal text features to align).
     """
@@ -68,27 +54,24 @@ class VQA(Task):
     primary_metric = "vqa_acc"
     name = "vqa.v1"
 
-    def __init__(self, inference="rank", k_test=128, answer_list=None, max_answer_length=10, num_beams=3,
-                 label_smoothing=0.1):
-        self.inference, self.k_test, self.answer_list_file = inference, k_test, answer_list
-        self.max_answer_length, self.num_beams, self.label_smoothing = max_answer_length, num_beams, label_smoothing
+    def __init__(self, options: VQAOptions | None = None, **fields):
+        """Args: ``options``, or its fields as keywords (``VQA(inference="generate")``)."""
+        self.options = options if options is not None else VQAOptions(**fields)
 
-    def check_backbone(self, backbone) -> None:
-        need_decoder(self.name, backbone, encoder=True, fix='Set backbone.task_model = "vqa" '
-                     '(BlipForQuestionAnswering, e.g. pretrained = "Salesforce/blip-vqa-base").')
+    def required_capabilities(self) -> tuple[type, ...]:
+        return (QuestionEncoder, EncoderDecoder)
 
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, backbone, batch, alignment):
         """``batch``: ``image (B, 3, H, W)``, ``question`` (B strings), ``answer`` (A strings, each question's
         answers in order), ``weight (A,)``, ``n (B,)`` answers per question."""
         image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
-        states, q_mask = encode_question(backbone, batch["question"], image_embeds)  # (B, Lq, Dt)
+        states, q_mask = backbone.encode_question(batch["question"], image_embeds)  # (B, Lq, Dt)
         n = batch["n"].to(states.device)
         states, q_mask = states.repeat_interleave(n, dim=0), q_mask.repeat_interleave(n, dim=0)  # (A, Lq, Dt)
-        ids, mask = decoder_tokenize(backbone, batch["answer"], states.device)  # (A, La)
-        logits = backbone.model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
-                                             encoder_attention_mask=q_mask).logits
-        per_answer = token_nll(logits, ids, ids.masked_fill(mask == 0, -100), self.label_smoothing).sum(1)  # (A,)
+        ids, mask = backbone.decoder_tokenize(batch["answer"], states.device)  # (A, La)
+        logits = backbone.decode_logits(ids, mask, states, q_mask)  # (A, La, V)
+        per_answer = token_nll(logits, padding_ignored(ids, mask), self.options.label_smoothing).sum(1)  # (A,)
         weight = batch["weight"].to(per_answer.device, per_answer.dtype)
         return {"vqa_loss": (weight * per_answer).sum() / batch["image"].shape[0]}
 
@@ -99,10 +82,9 @@ class VQA(Task):
         log-likelihood. ``cand_ids (C, La)`` are ``[DEC] answer [SEP]`` rows. Returns ``(Q,)``."""
         q = states.shape[0]
         bos = cand_ids[:1, :1].expand(q, 1)  # (Q, 1)
-        start = backbone.model.text_decoder(input_ids=bos, encoder_hidden_states=states,
-                                            encoder_attention_mask=q_mask).logits[:, 0].float()  # (Q, V)
+        start = backbone.decode_logits(bos, None, states, q_mask)[:, 0].float()  # (Q, V)
         first = F.softmax(start, dim=-1).index_select(1, cand_ids[:, 1])  # (Q, C)
-        k = min(self.k_test, cand_ids.shape[0])
+        k = min(self.options.k_test, cand_ids.shape[0])
         _, top = first.topk(k, dim=1)  # (Q, k)
         ids, mask = cand_ids[top.reshape(-1)], cand_mask[top.reshape(-1)]  # (Q*k, La)
         ll = answer_log_likelihood(backbone, states.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0),
@@ -111,35 +93,31 @@ class VQA(Task):
 
     @torch.no_grad()
     def generate(self, backbone, states, q_mask) -> list[str]:
-        """Beam-search answers from ``[DEC]`` over the question states."""
-        tok = backbone.tokenizer
-        bos = torch.full((states.shape[0], 1), backbone.bos_token_id, dtype=torch.long, device=states.device)
-        out = backbone.model.text_decoder.generate(
-            input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=q_mask, num_beams=self.num_beams,
-            max_length=self.max_answer_length, min_length=1, do_sample=False, eos_token_id=tok.sep_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        return [tok.decode(row[1:], skip_special_tokens=True).strip() for row in out]
+        """Beam-search answers from ``[bos]`` over the question states."""
+        o = self.options
+        bos = torch.tensor([prefix_ids(backbone, "")], device=states.device).expand(states.shape[0], 1)  # (Q, 1)
+        out = backbone.generate(bos, states, q_mask, num_beams=o.num_beams, max_length=o.max_answer_length)
+        return backbone.decode_text(out[:, 1:])
 
     @torch.no_grad()
     def answer(self, backbone, pixel_values: torch.Tensor, questions: Sequence[str],
                answer_list: Sequence[str] | None = None) -> list[str]:
         """Answers for a batch of images and questions, by this task's inference mode."""
         image_embeds = backbone.encode_image(pixel_values)
-        states, q_mask = encode_question(backbone, questions, image_embeds)
-        if self.inference == "generate":
+        states, q_mask = backbone.encode_question(questions, image_embeds)
+        if self.options.inference == "generate":
             return self.generate(backbone, states, q_mask)
         if not answer_list:
             raise UserError("task vqa.v1 with inference = 'rank' needs an answer list: the data's answer_list "
                             "file, or task.answer_list")
-        cand_ids, cand_mask = decoder_tokenize(backbone, answer_list, states.device)
+        cand_ids, cand_mask = backbone.decoder_tokenize(answer_list, states.device)
         return [answer_list[i] for i in self.rank(backbone, states, q_mask, cand_ids, cand_mask).tolist()]
 
     def _answer_list(self, dataset) -> list[str] | None:
-        if self.answer_list_file is not None:
+        if self.options.answer_list is not None:
             from unitrans.data.vqa_json import read_answer_list
 
-            return read_answer_list(self.answer_list_file)
+            return read_answer_list(self.options.answer_list)
         return getattr(dataset, "answer_list", None)
 
     @torch.no_grad()
@@ -147,15 +125,15 @@ class VQA(Task):
                  output_dir=None, split="test"):
         from unitrans.metrics.vqa import vqa_metrics
 
-        answer_list = self._answer_list(dataset) if self.inference == "rank" else None
+        answer_list = self._answer_list(dataset) if self.options.inference == "rank" else None
         rows, gts = [], {}
         for batch in loader_over(dataset, shard(len(dataset)), batch_size, collate, num_workers):
             answers = self.answer(backbone, batch["image"].to(device), batch["question"], answer_list)
             rows += [{"question_id": q, "answer": a} for q, a in zip(batch["question_id"], answers)]
             gts.update({q: h for q, h in zip(batch["question_id"], batch["answers"]) if h})
-        rows = gather_objects(rows)
-        gts = dict(gather_objects(list(gts.items())))
-        write_results(output_dir, f"vqa_result_{split}.json", rows)
+        rows = concat_across_ranks(rows)
+        gts = dict(concat_across_ranks(list(gts.items())))
+        write_rows(output_dir, f"vqa_result_{split}.json", rows)
         if not gts:  # test-dev / test-std: the evaluation server scores vqa_result_<split>.json
             return {"n_questions": float(len(rows))}
         return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts)

@@ -1,4 +1,6 @@
-"""A tiny dual encoder that implements :class:`unitrans.interfaces.Backbone` for ITC retrieval."""
+"""A tiny dual encoder: a :class:`unitrans.interfaces.Backbone` with the one capability
+:class:`~unitrans.interfaces.DualEncoder` (ITC retrieval). Tasks that need another capability (captioning needs
+``EncoderDecoder``, ITM needs ``FusionEncoder`` and ``ItmHead``) refuse it by name when a spec is built."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unitrans.interfaces import Backbone, InjectionPoint
+from unitrans.interfaces import Backbone, DualEncoder, InjectionPoint
 
 
 class Tower(nn.Module):
@@ -37,8 +39,9 @@ class ToyModel(nn.Module):
         self.text = Tower(width, hidden)
 
 
-class ToyBackbone(Backbone):
+class ToyBackbone(Backbone, DualEncoder):
     name = "toy.v1"
+    contract_version = "2"  # the version of unitrans.interfaces this class was written against
 
     def __init__(self, width=32, hidden=64, image_size=32, patch_size=8, vocab_size=1024, seed=0):
         torch.manual_seed(seed)
