@@ -6,7 +6,8 @@ every name below is loaded on first access through a module-level ``__getattr__`
 Example:
     >>> import unitrans
     >>> spec = unitrans.load_spec("examples/quickstart.toml", ["train.lr=1e-4"])
-    >>> unitrans.run(spec)  # doctest: +SKIP
+    >>> metrics = unitrans.run(spec)  # doctest: +SKIP
+    >>> handle = unitrans.attach(my_model, "vcra", rank=8, points={"text.attn.q": "*.attention.self.query"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,23 +36,54 @@ _LAZY: dict[str, str] = {
     "Task": "unitrans.interfaces:Task",
     "DataModule": "unitrans.interfaces:DataModule",
     "run": "unitrans.engine.run:run",
+    # the Python API
+    "attach": "unitrans.api:attach",
+    "build": "unitrans.api:build",
+    "load_adapter": "unitrans.api:load_adapter",
+    "save_adapter": "unitrans.api:save_adapter",
+    "export": "unitrans.engine.export:export",
+    "Handle": "unitrans.handle:Handle",
+    "Options": "unitrans.options:Options",
+    # the backbone plugin contract
+    "CONTRACT": "unitrans.interfaces:CONTRACT",
+    "DualEncoder": "unitrans.interfaces:DualEncoder",
+    "FusionNetwork": "unitrans.interfaces:FusionNetwork",
+    "FusionEncoder": "unitrans.interfaces:FusionEncoder",
+    "ItmHead": "unitrans.interfaces:ItmHead",
+    "EncoderDecoder": "unitrans.interfaces:EncoderDecoder",
+    "QuestionEncoder": "unitrans.interfaces:QuestionEncoder",
+    "Exportable": "unitrans.interfaces:Exportable",
+    "SharedProjection": "unitrans.interfaces:SharedProjection",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from unitrans import registry
+    from unitrans.api import attach, build, load_adapter, save_adapter
+    from unitrans.engine.export import export
     from unitrans.engine.run import run
     from unitrans.errors import UserError
+    from unitrans.handle import Handle
     from unitrans.interfaces import (
+        CONTRACT,
         Adapter,
         AlignmentLoss,
         Backbone,
         DataModule,
+        DualEncoder,
+        EncoderDecoder,
+        Exportable,
+        FusionEncoder,
+        FusionNetwork,
         InjectionPoint,
+        ItmHead,
+        QuestionEncoder,
+        SharedProjection,
         SideNetwork,
         Task,
     )
+    from unitrans.options import Options
     from unitrans.spec import ComponentSpec, Spec, SpecError, dump_toml, load_spec, resolve, validate_dict
 
 
