@@ -139,11 +139,15 @@ def test_save_load_merge_disable(tmp_path):
             torch.testing.assert_close(model.bert(input_ids=ids).pooler_output,
                                        python_api.tiny_bert(seed=1).eval().bert(input_ids=ids).pooler_output,
                                        rtol=0, atol=0)
+        query = model.bert.encoder.layer[1].attention.self.query
         handle.merge()
+        assert not torch.equal(query.weight, w0) and not query._forward_hooks  # folded in, no hook runs
         merged = model(input_ids=ids).logits
         with handle.disabled():
+            assert torch.equal(query.weight, w0)
             disabled_merged = model(input_ids=ids).logits
-        assert torch.equal(model(input_ids=ids).logits, merged)  # merged again after the block
+        assert not torch.equal(query.weight, w0) and not query._forward_hooks  # merged again after the block
+        assert torch.equal(model(input_ids=ids).logits, merged)
         handle.unmerge()
     assert torch.equal(model.bert.encoder.layer[1].attention.self.query.weight, w0)  # W0 bit for bit
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
