@@ -153,7 +153,7 @@ def test_save_load_merge_disable(tmp_path):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(adapted, base, atol=1e-3)
 
-    manifest = handle.save(tmp_path / "ad")
+    manifest = unitrans.save_adapter(handle, tmp_path / "ad")
     assert manifest["backbone"]["points"] == POINTS and manifest["adapters"][0]["rank"] == 4
     assert json.loads((tmp_path / "ad" / "adapter.json").read_text()) == manifest
     fresh = python_api.tiny_bert(seed=1).eval()
@@ -162,6 +162,11 @@ def test_save_load_merge_disable(tmp_path):
         assert torch.equal(fresh(input_ids=ids).logits, adapted)
         torch.testing.assert_close(disabled_merged, again.detach()(input_ids=ids).logits)  # detached: bare
     assert again.model is fresh
+    same = unitrans.attach(python_api.tiny_bert(seed=1).eval(), "vcra", rank=4, points=POINTS,
+                           train_parts=["classifier"])
+    assert unitrans.load_adapter(same, tmp_path / "ad") is same  # a handle: loaded in place
+    with torch.no_grad():
+        assert torch.equal(same.model(input_ids=ids).logits, adapted)
 
     other = unitrans.attach(python_api.tiny_bert(seed=1), "vcra", rank=8, points=POINTS, train_parts=["classifier"])
     with pytest.raises(UserError, match=r"tensor 'adapters.0.A.shared' has shape \(4, 64\) in the checkpoint but "
