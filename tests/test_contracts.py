@@ -89,8 +89,10 @@ def test_load_adapter_rebuilds_a_run_from_its_folder(toy_plugin, tmp_path, one_t
     state = handle.trainable_state()
     assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
     assert any(saved[k].abs().sum() > 0 for k in saved if "lambda_b" in k)  # trained, not the zero init
-    built = unitrans.build(spec)  # the public build: the same tensors load into it
+    built = unitrans.build(spec)  # the public build: the same tensors load into it, on the same frozen weights
     assert built.load(tmp_path / "run").trainable_state().keys() == saved.keys()
+    frozen, rebuilt = built.model.state_dict(), handle.model.state_dict()
+    assert frozen.keys() == rebuilt.keys() and all(torch.equal(frozen[k], rebuilt[k]) for k in frozen)
 
 
 class _Contract1(Backbone, DualEncoder):
