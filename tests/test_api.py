@@ -107,10 +107,10 @@ def test_fused_linears_by_row_slices(rows):
     q_rows, v_rows = rows.split("|")
     torch.manual_seed(0)
     model = _Fused()
-    handle = unitrans.attach(model, "lora", rank=2, alpha=4,
-                             points={"vision.attn.q": f"blocks.*.qkv{q_rows}", "vision.attn.v": f"blocks.*.qkv{v_rows}"})
-    points = handle.backbone.injection_points()
-    assert [(p.id, p.out_slice) for p in points] == [("vision.0.attn.q", slice(0, 8)), ("vision.0.attn.v", slice(16, 24))]
+    points = {"vision.attn.q": f"blocks.*.qkv{q_rows}", "vision.attn.v": f"blocks.*.qkv{v_rows}"}
+    handle = unitrans.attach(model, "lora", rank=2, alpha=4, points=points)
+    found = [(p.id, p.out_slice) for p in handle.backbone.injection_points()]
+    assert found == [("vision.0.attn.q", slice(0, 8)), ("vision.0.attn.v", slice(16, 24))]
     _randomise(handle, seed=5)
     x = torch.randn(3, 8)
     w0, b0 = model.blocks[0].qkv.weight, model.blocks[0].qkv.bias
@@ -203,8 +203,8 @@ def test_a_side_network_on_named_fusion_blocks(one_thread):
     """QASN on a plain model's layers (``fusion.blocks``), reusing the VCRA fusion pair; disabled() removes it."""
     model = python_api.tiny_bert(seed=1).eval()
     ids, _ = python_api.make_data(4, seed=0)
-    handle = unitrans.attach(model, "vcra", rank=4, side_network={"name": "qasn", "filter": "literal"},
-                             points={"fusion.attn.q": "*.attention.self.query", "fusion.blocks": "bert.encoder.layer.*"})
+    points = {"fusion.attn.q": "*.attention.self.query", "fusion.blocks": "bert.encoder.layer.*"}
+    handle = unitrans.attach(model, "vcra", rank=4, side_network={"name": "qasn", "filter": "literal"}, points=points)
     qasn = handle.side_network
     assert qasn.uses_shared_pair and qasn._pair[0] is handle.adapters[0].A["shared"] and qasn.width == 64
     with torch.no_grad():

@@ -7,7 +7,8 @@ Example:
     >>> import unitrans
     >>> spec = unitrans.load_spec("examples/quickstart.toml", ["train.lr=1e-4"])
     >>> metrics = unitrans.run(spec)  # doctest: +SKIP
-    >>> handle = unitrans.attach(my_model, "vcra", rank=8, points={"text.attn.q": "*.attention.self.query"})  # doctest: +SKIP
+    >>> points = {"text.attn.q": "*.attention.self.query"}
+    >>> handle = unitrans.attach(my_model, "vcra", rank=8, points=points)  # doctest: +SKIP
 """
 
 from __future__ import annotations

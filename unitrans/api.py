@@ -99,7 +99,8 @@ def attach(model, adapters: AdapterSpec | Sequence[AdapterSpec] = "vcra", *,
         origin = {"module": f"{type(model).__module__}.{type(model).__qualname__}", "points": backbone.point_map,
                   "train_parts": list(train_parts), "fusion_width": fusion_width}
     check_contract(backbone)
-    made = [_component("adapters", t, f"adapters[{i}]", defaults) for i, t in enumerate(_adapter_list(adapters, options))]
+    tables = _adapter_list(adapters, options)
+    made = [_component("adapters", t, f"adapters[{i}]", defaults) for i, t in enumerate(tables)]
     built = [a for _, a, _ in made]
     attach_adapters(backbone, [(n, a) for n, a, _ in made])
     names = {"backbone": backbone.name} | {f"adapters.{i}": n for i, (n, _, _) in enumerate(made)}
@@ -191,7 +192,8 @@ def load_adapter(model, directory: str | Path) -> Handle:
     side = None if not side or side.get("name") == "none" else side
     if model is None:
         model = _backbone_of(origin, Path(directory))
-    extra = {k: origin[k] for k in ("points", "train_parts", "fusion_width") if origin.get(k)} if "module" in origin else {}
+    keys = ("points", "train_parts", "fusion_width") if "module" in origin else ()
+    extra = {k: origin[k] for k in keys if origin.get(k)}
     return attach(model, manifest.get("adapters", []), side_network=side, **extra).load(directory)
 
 

@@ -83,9 +83,10 @@ class Backbone(ABC):
 
     What a task, a side network or ``export`` may ask of it beyond that is declared by the capability interfaces
     below (:class:`DualEncoder`, :class:`FusionNetwork`, :class:`FusionEncoder`, :class:`ItmHead`,
-    :class:`EncoderDecoder`, :class:`QuestionEncoder`, :class:`Exportable`): a backbone class inherits the ones it implements, a component
-    lists the ones it needs (``required_capabilities``), and :func:`check_capabilities` refuses a mismatch when a
-    spec is built, naming the missing capability. A backbone never imports the loop, the CLI or the report.
+    :class:`EncoderDecoder`, :class:`QuestionEncoder`, :class:`Exportable`): a backbone class inherits the ones it
+    implements, a component lists the ones it needs (``required_capabilities``), and :func:`check_capabilities`
+    refuses a mismatch when a spec is built, naming the missing capability. A backbone never imports the loop, the
+    CLI or the report.
 
     Attributes:
         name: the registered name (``"blip.v1"``), used in messages.

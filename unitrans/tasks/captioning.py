@@ -16,16 +16,7 @@ import torch
 from unitrans.errors import UserError
 from unitrans.interfaces import EncoderDecoder, Task
 from unitrans.tasks import CaptioningOptions
-from unitrans.tasks.decoding import (
-    concat_across_ranks,
-    full_mask,
-    loader_over,
-    padding_ignored,
-    prefix_ids,
-    shard,
-    token_nll,
-    write_rows,
-)
+from unitrans.tasks import decoding
 
 
 def need_pycocoevalcap(task: str) -> None:
@@ -60,7 +51,7 @@ class Captioning(Task):
 
     def prompt_ids(self, backbone) -> list[int]:
         """``[bos] prompt`` token ids (no ``[eos]``): the generation start and the masked loss prefix."""
-        return prefix_ids(backbone, self.options.prompt)
+        return decoding.prefix_ids(backbone, self.options.prompt)
 
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, backbone, batch, alignment):
@@ -68,11 +59,11 @@ class Captioning(Task):
         device = batch["image"].device
         texts = [self.options.prompt + c for c in batch["caption"]]
         ids, mask = backbone.decoder_tokenize(texts, device)  # (B, L)
-        labels = padding_ignored(ids, mask)
+        labels = decoding.padding_ignored(ids, mask)
         labels[:, :len(self.prompt_ids(backbone))] = -100  # [bos] + prompt: not predicted
         image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
-        logits = backbone.decode_logits(ids, mask, image_embeds, full_mask(image_embeds))  # (B, L, V)
-        nll = token_nll(logits, labels, self.options.label_smoothing)  # (B, L-1)
+        logits = backbone.decode_logits(ids, mask, image_embeds, decoding.full_mask(image_embeds))  # (B, L, V)
+        nll = decoding.token_nll(logits, labels, self.options.label_smoothing)  # (B, L-1)
         n = (labels[:, 1:] != -100).sum().clamp(min=1)
         return {"lm_loss": nll.sum() / n}
 
@@ -84,7 +75,7 @@ class Captioning(Task):
         image_embeds = backbone.encode_image(pixel_values)  # (B, N, Dv)
         start = self.prompt_ids(backbone)
         prefix = torch.tensor([start], device=pixel_values.device).repeat(pixel_values.shape[0], 1)  # (B, P)
-        out = backbone.generate(prefix, image_embeds, full_mask(image_embeds), num_beams=o.num_beams,
+        out = backbone.generate(prefix, image_embeds, decoding.full_mask(image_embeds), num_beams=o.num_beams,
                                 max_length=o.max_length, min_length=o.min_length,
                                 repetition_penalty=o.repetition_penalty)  # (B, <= max_length)
         return backbone.decode_text(out[:, len(start):])
@@ -95,9 +86,9 @@ class Captioning(Task):
         from unitrans.metrics.caption import caption_metrics
 
         rows = []
-        for batch in loader_over(dataset, shard(len(dataset)), batch_size, collate, num_workers):
+        for batch in decoding.loader_over(dataset, decoding.shard(len(dataset)), batch_size, collate, num_workers):
             captions = self.generate(backbone, batch["image"].to(device))
             rows += [{"image_id": int(i), "caption": c} for i, c in zip(batch["image_id"].tolist(), captions)]
-        rows = sorted(concat_across_ranks(rows), key=lambda r: r["image_id"])
-        write_rows(output_dir, f"captions_{split}.json", rows)
+        rows = sorted(decoding.concat_across_ranks(rows), key=lambda r: r["image_id"])
+        decoding.write_rows(output_dir, f"captions_{split}.json", rows)
         return caption_metrics({r["image_id"]: r["caption"] for r in rows}, dataset.references)

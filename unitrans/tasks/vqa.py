@@ -26,22 +26,14 @@ import torch.nn.functional as F
 from unitrans.errors import UserError
 from unitrans.interfaces import EncoderDecoder, QuestionEncoder, Task
 from unitrans.tasks import VQAOptions
-from unitrans.tasks.decoding import (
-    concat_across_ranks,
-    loader_over,
-    padding_ignored,
-    prefix_ids,
-    shard,
-    token_nll,
-    write_rows,
-)
+from unitrans.tasks import decoding
 
 
 def answer_log_likelihood(backbone, states: torch.Tensor, states_mask: torch.Tensor, answer_ids: torch.Tensor,
                           answer_mask: torch.Tensor) -> torch.Tensor:
     """Log-likelihood of each ``[bos] answer [eos]`` row given its question states: ``(A,)``."""
     logits = backbone.decode_logits(answer_ids, answer_mask, states, states_mask)  # (A, La, V)
-    return -token_nll(logits, padding_ignored(answer_ids, answer_mask)).sum(1)
+    return -decoding.token_nll(logits, decoding.padding_ignored(answer_ids, answer_mask)).sum(1)
 
 
 class VQA(Task):
@@ -71,7 +63,8 @@ class VQA(Task):
         states, q_mask = states.repeat_interleave(n, dim=0), q_mask.repeat_interleave(n, dim=0)  # (A, Lq, Dt)
         ids, mask = backbone.decoder_tokenize(batch["answer"], states.device)  # (A, La)
         logits = backbone.decode_logits(ids, mask, states, q_mask)  # (A, La, V)
-        per_answer = token_nll(logits, padding_ignored(ids, mask), self.options.label_smoothing).sum(1)  # (A,)
+        labels = decoding.padding_ignored(ids, mask)
+        per_answer = decoding.token_nll(logits, labels, self.options.label_smoothing).sum(1)  # (A,)
         weight = batch["weight"].to(per_answer.device, per_answer.dtype)
         return {"vqa_loss": (weight * per_answer).sum() / batch["image"].shape[0]}
 
@@ -95,7 +88,8 @@ class VQA(Task):
     def generate(self, backbone, states, q_mask) -> list[str]:
         """Beam-search answers from ``[bos]`` over the question states."""
         o = self.options
-        bos = torch.tensor([prefix_ids(backbone, "")], device=states.device).expand(states.shape[0], 1)  # (Q, 1)
+        bos = torch.tensor([decoding.prefix_ids(backbone, "")], device=states.device)  # (1, 1): [bos]
+        bos = bos.expand(states.shape[0], 1)  # (Q, 1)
         out = backbone.generate(bos, states, q_mask, num_beams=o.num_beams, max_length=o.max_answer_length)
         return backbone.decode_text(out[:, 1:])
 
@@ -127,13 +121,13 @@ class VQA(Task):
 
         answer_list = self._answer_list(dataset) if self.options.inference == "rank" else None
         rows, gts = [], {}
-        for batch in loader_over(dataset, shard(len(dataset)), batch_size, collate, num_workers):
+        for batch in decoding.loader_over(dataset, decoding.shard(len(dataset)), batch_size, collate, num_workers):
             answers = self.answer(backbone, batch["image"].to(device), batch["question"], answer_list)
             rows += [{"question_id": q, "answer": a} for q, a in zip(batch["question_id"], answers)]
             gts.update({q: h for q, h in zip(batch["question_id"], batch["answers"]) if h})
-        rows = concat_across_ranks(rows)
-        gts = dict(concat_across_ranks(list(gts.items())))
-        write_rows(output_dir, f"vqa_result_{split}.json", rows)
+        rows = decoding.concat_across_ranks(rows)
+        gts = dict(decoding.concat_across_ranks(list(gts.items())))
+        decoding.write_rows(output_dir, f"vqa_result_{split}.json", rows)
         if not gts:  # test-dev / test-std: the evaluation server scores vqa_result_<split>.json
             return {"n_questions": float(len(rows))}
         return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts)
