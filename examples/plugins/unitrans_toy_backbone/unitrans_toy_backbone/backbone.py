@@ -43,11 +43,13 @@ class ToyBackbone(Backbone, DualEncoder):
     name = "toy.v1"
     contract_version = "2"  # the version of unitrans.interfaces this class was written against
 
-    def __init__(self, width=32, hidden=64, image_size=32, patch_size=8, vocab_size=1024, seed=0):
-        torch.manual_seed(seed)
-        self.model = ToyModel(width, hidden, patch_size, (image_size // patch_size) ** 2, vocab_size)
+    def __init__(self, options):
+        """Args: ``options``, the validated ``unitrans_toy_backbone.ToyOptions``."""
+        o = self.options = options
+        torch.manual_seed(o.seed)
+        self.model = ToyModel(o.width, o.hidden, o.patch_size, (o.image_size // o.patch_size) ** 2, o.vocab_size)
         self.model.requires_grad_(False)  # frozen: only adapters train
-        self.image_size, self.vocab_size = image_size, vocab_size
+        self.image_size, self.vocab_size = o.image_size, o.vocab_size
         self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
     def injection_points(self) -> list[InjectionPoint]:
