@@ -6,11 +6,10 @@ light (no torch at import): the builder's signature is the spec schema, the impl
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import Field
+from typing import Literal
 
 from unitrans import registry
+from unitrans.options import PositiveInt
 
 
 @registry.backbones.register("blip.v1")
@@ -20,12 +19,12 @@ def blip_v1(
     task_model: Literal["retrieval", "captioning", "vqa"] = "retrieval",
     freeze: bool = True,
     train_parts: list[str] = [],
-    image_size: Annotated[int, Field(gt=0)] | None = None,
-    max_text_length: Annotated[int, Field(gt=0)] = 35,
+    image_size: PositiveInt | None = None,
+    max_text_length: PositiveInt = 35,
     gradient_checkpointing: bool = False,
     random_init: bool = False,
     temporal_embedding: bool = False,
-    max_frames: Annotated[int, Field(gt=0)] = 32,
+    max_frames: PositiveInt = 32,
 ):
     """BLIP (Li et al. 2022) from Hugging Face ``transformers``, frozen: ITC/ITM retrieval, captioning and VQA
     heads, from a hub id, a local directory or a random-init preset.

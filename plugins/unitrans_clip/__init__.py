@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from unitrans import registry
+from unitrans.options import PositiveInt
 
 
 @registry.backbones.register("clip.v1")
@@ -21,7 +22,7 @@ def clip_v1(
     preset: Literal["tiny"] | None = None,
     freeze: bool = True,
     train_parts: list[str] = [],
-    image_size: Annotated[int, Field(gt=0)] | None = None,
+    image_size: PositiveInt | None = None,
     max_text_length: Annotated[int, Field(gt=1)] | None = None,
     random_init: bool = False,
 ):

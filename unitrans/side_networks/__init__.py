@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import Field
+from typing import Literal
 
 from unitrans import registry
+from unitrans.options import PositiveInt
 
 
 @registry.side_networks.register("qasn.v1")
 def qasn_v1(
-    rank: Annotated[int, Field(gt=0)] = 64,
+    rank: PositiveInt = 64,
     filter: Literal["gate", "literal"] = "gate",
     projections: Literal["shared", "own"] = "shared",
     projection_seed: int = 0,

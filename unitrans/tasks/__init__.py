@@ -7,17 +7,17 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from unitrans import registry
-from unitrans.options import NonNegativeInt, Options, PositiveFloat, PositiveInt, Probability, builds
+from unitrans.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, Probability, builds
 
 
 @registry.tasks.register("retrieval.v1")
 def retrieval_v1(
     k_test: PositiveInt = 16,
     rerank: Literal["itm+itc", "itm", "itc"] = "itm+itc",
-    itm_weight: Annotated[float, Field(ge=0)] = 1.0,
+    itm_weight: NonNegativeFloat = 1.0,
     negatives: Literal["hard", "random"] = "hard",
     itm_batch: PositiveInt = 128,
-    hard_negative_temperature: Annotated[float, Field(gt=0)] = 0.07,
+    hard_negative_temperature: PositiveFloat = 0.07,
 ):
     """Image-text retrieval as BLIP trains and evaluates it.
 
