@@ -103,7 +103,7 @@ def test_caption_generation_strips_the_prompt(caption_bb):
     task = Captioning(num_beams=3, max_length=12, min_length=5)
     g = torch.Generator().manual_seed(0)
     pixel = torch.randn(3, 3, caption_bb.image_size, caption_bb.image_size, generator=g)
-    ours = task.generate(caption_bb, pixel)
+    ours = task.captions(caption_bb, pixel)
     prompt = task.prompt_ids(caption_bb)
     tok = caption_bb.tokenizer
     hf_prompt = tok([task.options.prompt] * 3, return_tensors="pt")["input_ids"]  # [CLS] prompt [SEP], as HF expects

@@ -69,7 +69,7 @@ class Captioning(Task):
 
     # ---- generation / evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, backbone, pixel_values: torch.Tensor) -> list[str]:
+    def captions(self, backbone, pixel_values: torch.Tensor) -> list[str]:
         """Beam-search captions for ``(B, 3, H, W)`` images, without the prompt."""
         o = self.options
         image_embeds = backbone.encode_image(pixel_values)  # (B, N, Dv)
@@ -87,7 +87,7 @@ class Captioning(Task):
 
         rows = []
         for batch in decoding.loader_over(dataset, decoding.shard(len(dataset)), batch_size, collate, num_workers):
-            captions = self.generate(backbone, batch["image"].to(device))
+            captions = self.captions(backbone, batch["image"].to(device))
             rows += [{"image_id": int(i), "caption": c} for i, c in zip(batch["image_id"].tolist(), captions)]
         rows = sorted(decoding.concat_across_ranks(rows), key=lambda r: r["image_id"])
         decoding.write_rows(output_dir, f"captions_{split}.json", rows)

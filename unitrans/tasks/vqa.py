@@ -85,7 +85,7 @@ class VQA(Task):
         return top.gather(1, ll.argmax(dim=1, keepdim=True)).squeeze(1)
 
     @torch.no_grad()
-    def generate(self, backbone, states, q_mask) -> list[str]:
+    def generate_answers(self, backbone, states, q_mask) -> list[str]:
         """Beam-search answers from ``[bos]`` over the question states."""
         o = self.options
         bos = torch.tensor([decoding.prefix_ids(backbone, "")], device=states.device)  # (1, 1): [bos]
@@ -100,7 +100,7 @@ class VQA(Task):
         image_embeds = backbone.encode_image(pixel_values)
         states, q_mask = backbone.encode_question(questions, image_embeds)
         if self.options.inference == "generate":
-            return self.generate(backbone, states, q_mask)
+            return self.generate_answers(backbone, states, q_mask)
         if not answer_list:
             raise UserError("task vqa.v1 with inference = 'rank' needs an answer list: the data's answer_list "
                             "file, or task.answer_list")
