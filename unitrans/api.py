@@ -24,10 +24,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from unitrans.engine.checkpoint import FORMAT  # the adapter.json / adapter.safetensors format a run writes
 from unitrans.errors import UserError
 from unitrans.handle import Handle
-
-FORMAT = "unitrans.adapter.v1"  # the adapter.json / adapter.safetensors format a run writes
 
 AdapterSpec = str | Mapping[str, Any]
 
@@ -126,14 +125,14 @@ def build(spec, *, overrides: Sequence[str] = (), device: str = "cpu", with_data
         with_data: build the data module too (``handle.data``; its ``setup`` prepares the splits).
     """
     from unitrans.engine.build import build as build_spec
-    from unitrans.spec import Spec, apply_overrides, load_spec, validate_dict
+    from unitrans.spec import Spec, apply_overrides, load_spec, resolve, validate_dict
 
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec, overrides)
     elif not isinstance(spec, Spec):
         spec = validate_dict(apply_overrides(spec, overrides))
     elif overrides:
-        spec = validate_dict(apply_overrides(spec.model_dump(), overrides))
+        spec = validate_dict(apply_overrides(resolve(spec), overrides))
     return build_spec(spec, device, with_data=with_data)
 
 
