@@ -6,7 +6,7 @@ handle counts, saves, reloads, merges and disables the adapter.
 
 The model is a tiny BERT built from its config (random init, no download), the task is made up here: does the
 sequence contain the token 7? Offline, on the CPU; it prints the accuracy before and after (0.49 -> 1.00 here; the
-frozen BERT with the trained head alone, the adapter disabled: 0.50):
+frozen BERT with the trained head alone, the adapter disabled: about 0.5):
 
     python examples/python_api.py [--steps 150] [--out runs/python_api]
 """
