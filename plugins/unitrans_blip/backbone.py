@@ -111,6 +111,9 @@ class BlipBackbone(Backbone):
       ``attention.output.dense``; ``text.mlp.{fc1,fc2}`` (``intermediate.dense``, ``output.dense``);
     * ``fusion.attn.{q,k,v,out}`` [C]: ``crossattention.self.query/key/value`` (k, v read the vision width) and
       ``crossattention.output.dense``;
+    * ``fusion.self.{q,k,v,out}``, ``fusion.mlp.{fc1,fc2}`` [C]: the linears of ``text.attn.*`` / ``text.mlp.*``
+      in the fused pass only (the text encoder run over the image tokens is the fusion network): mode ``"fused"``.
+      An adapter that targets both gives each pass its own update;
     * ``decoder.attn.*``, ``decoder.fusion.*``, ``decoder.mlp.*`` [D]: the same under ``text_decoder.bert``;
     * ``fusion.blocks``: the text encoder's layers, run in multimodal mode (for side networks).
     """
@@ -219,7 +222,9 @@ class BlipBackbone(Backbone):
                 pts.append(_point("vision.mlp.fc1", i, "V", layer.mlp.fc1, f"vision.{i}.mlp_in"))
                 pts.append(_point("vision.mlp.fc2", i, "V", layer.mlp.fc2, f"vision.{i}.mlp_hidden"))
             if hasattr(self.model, "text_encoder"):
-                pts += _bert_points(self.model.text_encoder.encoder.layer, "text", "fusion", "T", "C")
+                layers = self.model.text_encoder.encoder.layer
+                pts += _bert_points(layers, "text", "fusion", "T", "C")
+                pts += _fused_pass_points(layers, _PassProbe(layers))
             if hasattr(self.model, "text_decoder"):
                 pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
             self._points = pts
@@ -330,6 +335,42 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
                               f"{cross_prefix}.{i}.attn_out"))
         pts.append(_point(f"{prefix}.mlp.fc1", i, modality, layer.intermediate.dense, f"{prefix}.{i}.mlp_in"))
         pts.append(_point(f"{prefix}.mlp.fc2", i, modality, layer.output.dense, f"{prefix}.{i}.mlp_hidden"))
+    return pts
+
+
+class _PassProbe:
+    """Which pass the text encoder is in: each layer's forward pre-hook records whether it runs with image tokens
+    (``"fused"``) or without (``"text"``) before any of its linears run, recomputation under gradient
+    checkpointing included (the hooks fire again)."""
+
+    def __init__(self, layers):
+        self.current = "text"
+        for layer in layers:
+            layer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        image_tokens = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        self.current = "text" if image_tokens is None else "fused"
+
+    def __call__(self) -> str:
+        return self.current
+
+
+def _fused_pass_points(layers, probe: _PassProbe) -> list[InjectionPoint]:
+    """``fusion.self.{q,k,v,out}`` and ``fusion.mlp.{fc1,fc2}``: the text encoder's self-attention and MLP linears
+    as points of the fusion network (modality C), acting only in the fused pass."""
+    pts = []
+    for i, layer in enumerate(layers):
+        sa, att = layer.attention.self, f"fusion.self.{i}.attn"
+        named = [("fusion.self.q", sa.query, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.k", sa.key, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.v", sa.value, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.out", layer.attention.output.dense, f"fusion.self.{i}.attn_out", None),
+                 ("fusion.mlp.fc1", layer.intermediate.dense, f"fusion.{i}.mlp_in", None),
+                 ("fusion.mlp.fc2", layer.output.dense, f"fusion.{i}.mlp_hidden", None)]
+        for name, lin, group, attention in named:
+            pts.append(InjectionPoint(name, i, "C", lin, None, lin.in_features, lin.out_features, group, attention,
+                                      mode="fused", current_pass=probe))
     return pts
 
 
