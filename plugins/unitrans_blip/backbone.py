@@ -119,6 +119,8 @@ class BlipBackbone(Backbone):
     """
 
     name = "blip.v1"
+    itc_temperature: float | None = None  # BLIP's learned ITC temperature, when the checkpoint carries one
+    conversion_report = None  # what loading an original BLIP .pth did (convert.ConversionReport)
 
     def __init__(
         self,
@@ -153,6 +155,10 @@ class BlipBackbone(Backbone):
             if preset == "minilm":
                 self.minilm_report = load_minilm(self.model)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
+        elif is_original_checkpoint(pretrained):
+            self.model, self.tokenizer, self.conversion_report = _load_original(cls, pretrained)
+            self.itc_temperature = self.conversion_report.temperature
+            self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
             self.model, self.processor, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
         cfg = self.model.config
@@ -164,7 +170,7 @@ class BlipBackbone(Backbone):
                 "preset with equal widths (tiny, base, minilm)"
             )
         self.image_size = image_size or self.model.config.vision_config.image_size
-        if preset is not None:
+        if preset is not None or getattr(self, "conversion_report", None) is not None:
             self.processor = _make_processor(self.tokenizer, self.image_size, self.image_mean, self.image_std)
         self.interpolate_pos = self.image_size != self.model.config.vision_config.image_size
         self.enc_token_id = _token_id(self.tokenizer, "[ENC]", self.tokenizer.cls_token_id)
@@ -405,6 +411,36 @@ def load_minilm(model: nn.Module) -> dict[str, int]:
                 loaded += 1
                 used.add(name)
     return {"loaded": loaded, "missing": missing, "unused": len(set(source) - used)}
+
+
+def is_original_checkpoint(pretrained: str) -> bool:
+    """Whether ``pretrained`` names an original BLIP / LAVIS checkpoint file (``.pth``), not a hub id or directory."""
+    from unitrans_blip.convert import CHECKPOINT_SUFFIXES
+
+    return Path(pretrained).suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def _original_tokenizer(vocab_size: int):
+    """BLIP's tokenizer for a checkpoint's vocabulary: bert-base-uncased + ``[DEC]`` + ``[ENC]`` (30,524 tokens,
+    its vocabulary read from the offline MiniLM package, whose vocabulary is bert-base-uncased's), or the small
+    built-in one for a checkpoint of that size (tests)."""
+    tiny = preset_tokenizer("tiny")
+    if vocab_size == len(tiny):
+        return tiny
+    return preset_tokenizer("minilm")
+
+
+def _load_original(cls, pretrained: str):
+    """Model, tokenizer and conversion report of an original BLIP ``.pth`` (:mod:`unitrans_blip.convert`)."""
+    import sys
+
+    from unitrans import distributed as dist
+    from unitrans_blip.convert import load_blip_checkpoint
+
+    model, tokenizer, report = load_blip_checkpoint(pretrained, cls, _original_tokenizer)
+    if dist.is_main():
+        print(f"[unitrans] blip.v1: {report.summary(pretrained, cls.__name__)}", file=sys.stderr, flush=True)
+    return model, tokenizer, report
 
 
 def _architecture_of(pretrained: str):
