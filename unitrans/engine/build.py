@@ -91,6 +91,9 @@ def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> B
     trainable = nn.ModuleDict({"adapters": nn.ModuleList(adapters)})
     if side is not None:
         trainable["side_network"] = side
+    task_module = getattr(task, "trainable_module", None)  # e.g. retrieval's learned temperature
+    if task_module is not None:
+        trainable["task"] = task_module
     trainable.to(device)
     return Built(backbone, adapters, side, alignment, task, data, names, trainable)
 
@@ -120,6 +123,11 @@ def count_parameters(built: Built) -> dict:
         by_component[f"side_network ({built.names['side_network']})"] = {
             "total": sum(p.numel() for p in ps), "trainable": n_train}
         by_modality["C"] = by_modality.get("C", 0) + n_train
+    task_module = built.trainable["task"] if "task" in built.trainable else None
+    if task_module is not None:
+        ps = list(task_module.parameters())
+        by_component[f"task ({built.names['task']})"] = {
+            "total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
     n_backbone_train = by_component[f"backbone ({built.names['backbone']})"]["trainable"]
     if n_backbone_train:
         by_modality["backbone"] = n_backbone_train
