@@ -182,6 +182,23 @@ def test_loaded_model_gives_blips_itc_similarity_and_itm_logit(tmp_path):
     assert float((ref_itm[:, 1] - ref_itm[:, 0]).abs().max()) > 1e-3  # not a degenerate comparison
 
 
+def test_position_embeddings_are_interpolated_as_blip_interpolates_them(tmp_path):
+    """BLIP pre-trains at 224 px and fine-tunes at 384: ``interpolate_pos_embed`` resizes the patch grid's position
+    embeddings once, bicubic, the [CLS] row kept. Loading at another ``image_size`` must give that model."""
+    from unitrans_blip.backbone import BlipBackbone
+
+    state = blip_pretrain_state(seed=2)
+    bb = BlipBackbone(pretrained=_save(tmp_path, state), image_size=IMG + 2 * PATCH)
+    grid, new = IMG // PATCH, IMG // PATCH + 2
+    pos = state["visual_encoder.pos_embed"]
+    patch_pos = pos[:, 1:].reshape(1, grid, grid, VW).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=(new, new), mode="bicubic", align_corners=False)
+    resized = {**state, "visual_encoder.pos_embed": torch.cat([pos[:, :1], patch_pos.permute(0, 2, 3, 1).flatten(1, 2)], 1)}
+    pixels = torch.randn(1, 3, new * PATCH, new * PATCH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(pixels), blip_vit(resized, pixels), atol=2e-5, rtol=1e-4)
+
+
 def test_every_unfilled_weight_is_reported_and_the_decoder_starts_from_the_encoder(tmp_path):
     from unitrans_blip.backbone import BlipBackbone
 
