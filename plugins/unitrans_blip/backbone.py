@@ -182,8 +182,11 @@ class BlipBackbone(Backbone):
         for part in train_parts:
             self._submodule(part).requires_grad_(True)
         self.recomputes_activations = bool(gradient_checkpointing)
+        self._probes: list[_PassProbe] = []
         if gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
+            # the recomputation in backward runs each layer's forward without its hooks: it replays the pass
+            # the layer ran in (fusion.self.* points act in the fused pass only)
+            kwargs = {"use_reentrant": False, "context_fn": lambda: _replay_passes(self._probes)}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
@@ -230,7 +233,8 @@ class BlipBackbone(Backbone):
             if hasattr(self.model, "text_encoder"):
                 layers = self.model.text_encoder.encoder.layer
                 pts += _bert_points(layers, "text", "fusion", "T", "C")
-                pts += _fused_pass_points(layers, _PassProbe(layers))
+                self._probes.append(_PassProbe(layers))
+                pts += _fused_pass_points(layers, self._probes[-1])
             if hasattr(self.model, "text_decoder"):
                 pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
             self._points = pts
@@ -346,8 +350,8 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
 
 class _PassProbe:
     """Which pass the text encoder is in: each layer's forward pre-hook records whether it runs with image tokens
-    (``"fused"``) or without (``"text"``) before any of its linears run, recomputation under gradient
-    checkpointing included (the hooks fire again)."""
+    (``"fused"``) or without (``"text"``) before any of its linears run. Gradient checkpointing recomputes a layer's
+    forward without its hooks; :func:`_replay_passes` then restores the pass recorded when the layer first ran."""
 
     def __init__(self, layers):
         self.current = "text"
@@ -360,6 +364,27 @@ class _PassProbe:
 
     def __call__(self) -> str:
         return self.current
+
+
+def _replay_passes(probes: list[_PassProbe]):
+    """``torch.utils.checkpoint``'s ``context_fn``, called as a checkpointed layer first runs: nothing around that
+    run, and around its recomputation in backward the passes the probes recorded then."""
+    from contextlib import contextmanager, nullcontext
+
+    recorded = [(probe, probe.current) for probe in probes]
+
+    @contextmanager
+    def replay():
+        before = [(probe, probe.current) for probe, _ in recorded]
+        for probe, value in recorded:
+            probe.current = value
+        try:
+            yield
+        finally:
+            for probe, value in before:
+                probe.current = value
+
+    return nullcontext(), replay()
 
 
 def _fused_pass_points(layers, probe: _PassProbe) -> list[InjectionPoint]:
