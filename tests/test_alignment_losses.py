@@ -41,7 +41,7 @@ def reference_mcam(img, txt, tau, reduction):
             if qj > 0:
                 js += 0.5 * qj * math.log(qj / m)
         total += js
-    return total / n if reduction == "mean" else total
+    return {"mean": total / n, "sum": total, "as_itc": total / (2 * n)}[reduction]
 
 
 def reference_itc(img, txt, ids, tau):
@@ -58,7 +58,7 @@ def reference_itc(img, txt, ids, tau):
     return (i2t / n + t2i / n) / 2
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["as_itc", "mean", "sum"])
 @pytest.mark.parametrize("tau", [0.07, 0.5])
 def test_mcam_equals_the_loop_reference(reduction, tau):
     img, txt = _feats(n=7, seed=1)
@@ -70,6 +70,29 @@ def test_mcam_equals_the_loop_reference(reduction, tau):
     assert expected > 1e-3
     assert float(out["mcam_loss"]) == pytest.approx(0.7 * expected, abs=1e-6, rel=1e-5)
     assert float(out["itc_loss"]) == pytest.approx(0.3 * reference_itc(img, txt, ids, 0.1), abs=1e-6, rel=1e-5)
+
+
+def printed_itc(img, txt, tau):
+    """Eq. 7 exactly as printed (one positive per row): -Σ_i log p_i2t(i, i) - Σ_i log p_t2i(i, i), no means."""
+    n = img.shape[0]
+    s = [[float(img[i].double() @ txt[j].double()) for j in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        total -= math.log(_softmax([s[i][j] / tau for j in range(n)])[i])
+        total -= math.log(_softmax([s[j][i] / tau for j in range(n)])[i])
+    return total
+
+
+def test_default_mcam_weighs_l_itr_against_l_itc_as_eq_7_and_9_print_them():
+    """Eq. 10 adds eq. 9's sum to eq. 7's two sums. BLIP's ITC scales eq. 7 by 1 / (2N); the default reduction
+    must scale eq. 9 by the same factor, so the two terms keep the printed ratio (the mean reduction doubles it)."""
+    img, txt = _feats(n=9, seed=4)
+    ids = torch.arange(9)
+    out = mcam_v1(temperature=0.1, mcam_temperature=0.1)(img, txt, ids)
+    printed_ratio = reference_mcam(img, txt, 0.1, "sum") / printed_itc(img, txt, 0.1)
+    assert float(out["mcam_loss"] / out["itc_loss"]) == pytest.approx(printed_ratio, rel=1e-5)
+    mean = mcam_v1(temperature=0.1, mcam_temperature=0.1, reduction="mean")(img, txt, ids)
+    assert float(mean["mcam_loss"] / mean["itc_loss"]) == pytest.approx(2 * printed_ratio, rel=1e-5)
 
 
 def test_mcam_is_zero_when_similarities_are_symmetric():
@@ -107,7 +130,7 @@ def test_mcam_gradients_are_finite(case):
     total.backward()
     assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
     if case == "sharp_temperature":
-        assert out["mcam_loss"].item() == pytest.approx(reference_mcam(img.detach(), txt.detach(), tau, "mean"),
+        assert out["mcam_loss"].item() == pytest.approx(reference_mcam(img.detach(), txt.detach(), tau, "as_itc"),
                                                         abs=1e-5)
 
 

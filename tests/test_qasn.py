@@ -19,7 +19,7 @@ def _itm(bb, pixel, tok):
 
 
 @pytest.mark.parametrize("with_adapter", [False, True])
-def test_gate_mode_is_the_identity_at_init_and_literal_mode_is_not(with_adapter):
+def test_gate_and_centred_modes_are_the_identity_at_init_and_literal_mode_is_not(with_adapter):
     adapters = [VCRA] if with_adapter else []
     bb = tiny_backbone()
     pixel, tok = make_inputs(bb, batch=3)
@@ -27,14 +27,17 @@ def test_gate_mode_is_the_identity_at_init_and_literal_mode_is_not(with_adapter)
         frozen = _itm(bb, pixel, tok)
     _, gate = build_spec(spec_dict(adapters, {"name": "qasn.v1", "filter": "gate"}))
     _, literal = build_spec(spec_dict(adapters, {"name": "qasn.v1", "filter": "literal"}))
-    for built in (gate, literal):  # same seed: the same frozen weights as `bb`
+    _, centred = build_spec(spec_dict(adapters, {"name": "qasn.v1", "filter": "centred"}))
+    for built in (gate, literal, centred):  # same seed: the same frozen weights as `bb`
         for (n, p), (_, q) in zip(built.backbone.model.named_parameters(), bb.model.named_parameters()):
             assert torch.equal(p, q), n
     with torch.no_grad():
         out_gate = _itm(gate.backbone, pixel, tok)
         out_literal = _itm(literal.backbone, pixel, tok)
+        out_centred = _itm(centred.backbone, pixel, tok)
     for k in frozen:
         assert torch.equal(out_gate[k], frozen[k]), k
+        assert torch.equal(out_centred[k], frozen[k]), k
     assert not torch.allclose(out_literal["itm"], frozen["itm"], atol=1e-4)
     assert not torch.allclose(out_literal["fused"], frozen["fused"], atol=1e-2)
     # literal mode leaves the unimodal features alone
@@ -76,7 +79,7 @@ def _randomise_qasn_(side, seed=0):
     randomise_(side.beta, seed=seed + 3, std=0.8)
 
 
-@pytest.mark.parametrize("filter_", ["gate", "literal"])
+@pytest.mark.parametrize("filter_", ["gate", "literal", "centred"])
 @pytest.mark.parametrize("projections", ["shared", "own"])
 def test_hooked_forward_equals_a_hand_run_loop_of_eq_5_6(filter_, projections):
     _, built = build_spec(spec_dict([VCRA], {"name": "qasn.v1", "filter": filter_, "projections": projections,
@@ -105,7 +108,7 @@ def test_hooked_forward_equals_a_hand_run_loop_of_eq_5_6(filter_, projections):
             w = torch.diag(side.lambda_b[i]) @ b[:d] @ torch.diag(side.lambda_a[i]) @ a[:, :d]  # w_i (d, d)
             h = h + x @ w.t()  # eq. 5
             gate = torch.sigmoid(side.alpha[i] * h + side.beta[i])
-            f = gate * h if filter_ == "gate" else gate
+            f = {"gate": gate * h, "literal": gate, "centred": gate - 0.5}[filter_]
             x = block(x, image_embeds) + f  # eq. 6
         reference = x
         bare = encoder(input_ids=ids, encoder_hidden_states=image_embeds).last_hidden_state

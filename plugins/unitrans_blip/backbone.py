@@ -126,12 +126,17 @@ class BlipBackbone(Backbone, Exportable):
       ``attention.output.dense``; ``text.mlp.{fc1,fc2}`` (``intermediate.dense``, ``output.dense``);
     * ``fusion.attn.{q,k,v,out}`` [C]: ``crossattention.self.query/key/value`` (k, v read the vision width) and
       ``crossattention.output.dense``;
+    * ``fusion.self.{q,k,v,out}``, ``fusion.mlp.{fc1,fc2}`` [C]: the linears of ``text.attn.*`` / ``text.mlp.*``
+      in the fused pass only (the text encoder run over the image tokens is the fusion network): mode ``"fused"``.
+      An adapter that targets both gives each pass its own update;
     * ``decoder.attn.*``, ``decoder.fusion.*``, ``decoder.mlp.*`` [D]: the same under ``text_decoder.bert``;
     * ``fusion.blocks``: the text encoder's layers, run in multimodal mode (for side networks).
     """
 
     name = "blip.v1"
     contract_version = CONTRACT
+    itc_temperature: float | None = None  # BLIP's learned ITC temperature, when the checkpoint carries one
+    conversion_report = None  # what loading an original BLIP .pth did (convert.ConversionReport)
 
     def __new__(cls, *args, task_model: str = "retrieval", **kwargs):
         if cls is BlipBackbone:
@@ -173,6 +178,10 @@ class BlipBackbone(Backbone, Exportable):
             if preset == "minilm":
                 self.minilm_report = load_minilm(self.model)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
+        elif is_original_checkpoint(pretrained):
+            self.model, self.tokenizer, self.conversion_report = _load_original(cls, pretrained)
+            self.itc_temperature = self.conversion_report.temperature
+            self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         else:
             self.model, self.processor, self.tokenizer, self.image_mean, self.image_std = _load_pretrained(cls, pretrained)
         cfg = self.model.config
@@ -184,7 +193,7 @@ class BlipBackbone(Backbone, Exportable):
                 "preset with equal widths (tiny, base, minilm)"
             )
         self.image_size = image_size or self.model.config.vision_config.image_size
-        if preset is not None:
+        if preset is not None or getattr(self, "conversion_report", None) is not None:
             self.processor = _make_processor(self.tokenizer, self.image_size, self.image_mean, self.image_std)
         self.interpolate_pos = self.image_size != self.model.config.vision_config.image_size
         self.enc_token_id = _token_id(self.tokenizer, "[ENC]", self.tokenizer.cls_token_id)
@@ -196,8 +205,11 @@ class BlipBackbone(Backbone, Exportable):
         for part in train_parts:
             self._submodule(part).requires_grad_(True)
         self.recomputes_activations = bool(gradient_checkpointing)
+        self._probes: list[_PassProbe] = []
         if gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
+            # the recomputation in backward runs each layer's forward without its hooks: it replays the pass
+            # the layer ran in (fusion.self.* points act in the fused pass only)
+            kwargs = {"use_reentrant": False, "context_fn": lambda: _replay_passes(self._probes)}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
@@ -242,7 +254,10 @@ class BlipBackbone(Backbone, Exportable):
                 pts.append(_point("vision.mlp.fc1", i, "V", layer.mlp.fc1, f"vision.{i}.mlp_in"))
                 pts.append(_point("vision.mlp.fc2", i, "V", layer.mlp.fc2, f"vision.{i}.mlp_hidden"))
             if hasattr(self.model, "text_encoder"):
-                pts += _bert_points(self.model.text_encoder.encoder.layer, "text", "fusion", "T", "C")
+                layers = self.model.text_encoder.encoder.layer
+                pts += _bert_points(layers, "text", "fusion", "T", "C")
+                self._probes.append(_PassProbe(layers))
+                pts += _fused_pass_points(layers, self._probes[-1])
             if hasattr(self.model, "text_decoder"):
                 pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
             self._points = pts
@@ -428,6 +443,63 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
     return pts
 
 
+class _PassProbe:
+    """Which pass the text encoder is in: each layer's forward pre-hook records whether it runs with image tokens
+    (``"fused"``) or without (``"text"``) before any of its linears run. Gradient checkpointing recomputes a layer's
+    forward without its hooks; :func:`_replay_passes` then restores the pass recorded when the layer first ran."""
+
+    def __init__(self, layers):
+        self.current = "text"
+        for layer in layers:
+            layer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        image_tokens = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        self.current = "text" if image_tokens is None else "fused"
+
+    def __call__(self) -> str:
+        return self.current
+
+
+def _replay_passes(probes: list[_PassProbe]):
+    """``torch.utils.checkpoint``'s ``context_fn``, called as a checkpointed layer first runs: nothing around that
+    run, and around its recomputation in backward the passes the probes recorded then."""
+    from contextlib import contextmanager, nullcontext
+
+    recorded = [(probe, probe.current) for probe in probes]
+
+    @contextmanager
+    def replay():
+        before = [(probe, probe.current) for probe, _ in recorded]
+        for probe, value in recorded:
+            probe.current = value
+        try:
+            yield
+        finally:
+            for probe, value in before:
+                probe.current = value
+
+    return nullcontext(), replay()
+
+
+def _fused_pass_points(layers, probe: _PassProbe) -> list[InjectionPoint]:
+    """``fusion.self.{q,k,v,out}`` and ``fusion.mlp.{fc1,fc2}``: the text encoder's self-attention and MLP linears
+    as points of the fusion network (modality C), acting only in the fused pass."""
+    pts = []
+    for i, layer in enumerate(layers):
+        sa, att = layer.attention.self, f"fusion.self.{i}.attn"
+        named = [("fusion.self.q", sa.query, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.k", sa.key, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.v", sa.value, f"fusion.self.{i}.attn_in", att),
+                 ("fusion.self.out", layer.attention.output.dense, f"fusion.self.{i}.attn_out", None),
+                 ("fusion.mlp.fc1", layer.intermediate.dense, f"fusion.{i}.mlp_in", None),
+                 ("fusion.mlp.fc2", layer.output.dense, f"fusion.{i}.mlp_hidden", None)]
+        for name, lin, group, attention in named:
+            pts.append(InjectionPoint(name, i, "C", lin, None, lin.in_features, lin.out_features, group, attention,
+                                      mode="fused", current_pass=probe))
+    return pts
+
+
 def load_minilm(model: nn.Module) -> dict[str, int]:
     """Copies the MiniLM weights by name into every BERT of ``model`` (``text_encoder``; ``text_decoder.bert``).
 
@@ -459,6 +531,36 @@ def load_minilm(model: nn.Module) -> dict[str, int]:
                 loaded += 1
                 used.add(name)
     return {"loaded": loaded, "missing": missing, "unused": len(set(source) - used)}
+
+
+def is_original_checkpoint(pretrained: str) -> bool:
+    """Whether ``pretrained`` names an original BLIP / LAVIS checkpoint file (``.pth``), not a hub id or directory."""
+    from unitrans_blip.convert import CHECKPOINT_SUFFIXES
+
+    return Path(pretrained).suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def _original_tokenizer(vocab_size: int):
+    """BLIP's tokenizer for a checkpoint's vocabulary: bert-base-uncased + ``[DEC]`` + ``[ENC]`` (30,524 tokens,
+    its vocabulary read from the offline MiniLM package, whose vocabulary is bert-base-uncased's), or the small
+    built-in one for a checkpoint of that size (tests)."""
+    tiny = preset_tokenizer("tiny")
+    if vocab_size == len(tiny):
+        return tiny
+    return preset_tokenizer("minilm")
+
+
+def _load_original(cls, pretrained: str):
+    """Model, tokenizer and conversion report of an original BLIP ``.pth`` (:mod:`unitrans_blip.convert`)."""
+    import sys
+
+    from unitrans import distributed as dist
+    from unitrans_blip.convert import load_blip_checkpoint
+
+    model, tokenizer, report = load_blip_checkpoint(pretrained, cls, _original_tokenizer)
+    if dist.is_main():
+        print(f"[unitrans] blip.v1: {report.summary(pretrained, cls.__name__)}", file=sys.stderr, flush=True)
+    return model, tokenizer, report
 
 
 def _architecture_of(pretrained: str):

@@ -37,16 +37,19 @@ class VCRAOptions(Options):
     """globs over the backbone's injection points."""
     rank: PositiveInt = 64
     """r, the rows of A."""
-    share: Literal["all", "modality", "none"] = "all"
-    """``"all"`` one A, B pair for vision, text and fusion (the decoder gets its own), ``"modality"`` one pair
-    per modality (Table 8 "+scaling vectors"), ``"none"`` one pair per point."""
+    share: Literal["all", "encoder", "modality", "none"] = "all"
+    """``"all"`` one A, B pair for vision, text and fusion (the decoder gets its own); ``"encoder"`` one pair per
+    encoder: the ViT's, the BERT's (text and fusion: one BERT) and the decoder's (Table 8 "+scaling vectors":
+    "random matrices shared in each transformer block of single modality"); ``"modality"`` one pair per modality
+    (V, T, C, D); ``"none"`` one pair per point."""
     train_projections: bool = True
     """train A and B (the paper's parameter count includes them). ``False``: frozen, regenerated from
     ``projection_seed`` and never saved (VeRA-style)."""
     projection_seed: int = 0
     """seed of the generator that draws A and B (same on every machine and rank)."""
-    share_kv_scaling: bool = True
-    """k and v of one attention share their λ pair (paper §4.1)."""
+    share_kv_scaling: bool | Literal["cross"] = True
+    """k and v of one attention share their λ pair (paper §4.1); ``"cross"``: only in the cross-attentions (their
+    k and v read the image tokens)."""
     scale_init: float = 1.0
     """initial value of the learnable per-modality scale ``s``."""
     lambda_a_init: float = 1.0

@@ -11,6 +11,7 @@ from torch import nn
 
 from unitrans import injection
 from unitrans.adapters import LoRAOptions
+from unitrans.adapters.passes import refuse_pass_dependent_merge, split_passes
 from unitrans.interfaces import Adapter, InjectionPoint
 
 
@@ -37,7 +38,7 @@ class LoRA(nn.Module, Adapter):
         self._modality: dict[str, str] = {}
 
     def attach(self, points: Sequence[InjectionPoint]) -> None:
-        for p in points:
+        for p in split_passes(points):
             k = _key(p)
             w = p.module.weight
             a = torch.empty(self.rank, p.in_features, device=w.device, dtype=torch.float32)
@@ -60,6 +61,7 @@ class LoRA(nn.Module, Adapter):
         return (self.lora_B[k] @ self.lora_A[k]) * self.scaling  # (d_out, d_in)
 
     def merge(self) -> None:
+        refuse_pass_dependent_merge("lora", self.points)
         injection.merge(self, self.points, self.delta_weight)
 
     def unmerge(self) -> None:

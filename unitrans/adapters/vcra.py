@@ -12,7 +12,10 @@ from torch import nn
 
 from unitrans import injection
 from unitrans.adapters import VCRAOptions
+from unitrans.adapters.passes import refuse_pass_dependent_merge, split_passes
 from unitrans.interfaces import Adapter, InjectionPoint, SharedProjection
+
+_ENCODER_OF = {"V": "vision", "T": "text", "C": "text", "D": "decoder"}  # share="encoder": ViT / BERT / decoder
 
 
 def _safe(key: str) -> str:
@@ -33,15 +36,25 @@ def _whole_module(group: list[InjectionPoint]) -> InjectionPoint | None:
                           p0.input_group, p0.attention)
 
 
+def _is_cross_attention(p: InjectionPoint) -> bool:
+    """k and v of a cross-attention (``fusion.attn.*``, ``decoder.fusion.attn.*``): they read the image tokens."""
+    return p.name.endswith(("fusion.attn.k", "fusion.attn.v"))
+
+
 class VCRA(nn.Module, Adapter, SharedProjection):
     """Eq. 4: ``VCRA(x^M) = W0 x^M + s_M · diag(λb) B diag(λa) A x^M``, ``M ∈ {V, T, C}``.
 
     * One pair ``A (r, d_in_max)``, ``B (d_out_max, r)`` is shared by every targeted point of the vision encoder,
       the text encoder and the fusion layers (``share="all"``); the decoder (``D``) gets a pair of its own
-      (paper §4.3.1). ``share="modality"``: one pair per modality; ``share="none"``: one per point. A point of
-      width ``(d_out, d_in)`` uses ``B[:d_out]`` and ``A[:, :d_in]``.
+      (paper §4.3.1). ``share="encoder"``: one pair per encoder, the ViT's and the BERT's (text and fusion, whose
+      layers are the same BERT's; Table 8 "+scaling vectors"); ``share="modality"``: one pair per modality;
+      ``share="none"``: one per point. A point of width ``(d_out, d_in)`` uses ``B[:d_out]`` and ``A[:, :d_in]``.
     * Every point has ``λa ∈ R^r`` (init 1) and ``λb ∈ R^{d_out}`` (init 0): the model equals the frozen
-      backbone at init. With ``share_kv_scaling`` the k and v points of one attention share their λ pair.
+      backbone at init. With ``share_kv_scaling`` the k and v points of one attention share their λ pair
+      (``"cross"``: only in cross-attention, whose k and v read the image tokens).
+    * A point may act in one pass of its linear only (``fusion.self.*``: the text encoder's self-attention when
+      it runs as the fusion network); targeted beside its mode-free twin (``text.attn.*``), each pass gets its
+      own λ pair (``unitrans.adapters.passes``).
     * ``s`` is one learnable scalar per modality.
     * A and B are drawn from ``torch.Generator().manual_seed(projection_seed + pair index)`` on the CPU:
       equal on every machine and rank. ``A ~ N(0, 1/d_in)``, ``B ~ N(0, 1/r)`` (normal, as the paper says,
@@ -88,18 +101,22 @@ class VCRA(nn.Module, Adapter, SharedProjection):
     def pair_key(self, p: InjectionPoint) -> str:
         if self.share == "all":
             return "decoder" if p.modality == "D" else "shared"
+        if self.share == "encoder":
+            return _ENCODER_OF.get(p.modality, p.modality)
         if self.share == "modality":
             return p.modality
         return p.id
 
     def scaling_key(self, p: InjectionPoint) -> str:
-        if self.share_kv_scaling and p.attention is not None and p.role in ("k", "v"):
+        shared = self.share_kv_scaling is True or (self.share_kv_scaling == "cross" and _is_cross_attention(p))
+        if shared and p.attention is not None and p.role in ("k", "v"):
             return f"{p.attention}.kv"
         return p.id
 
     def attach(self, points: Sequence[InjectionPoint]) -> None:
         if self.points:
             raise RuntimeError("VCRA.attach called twice")
+        points = split_passes(points)
         pairs: dict[str, list[InjectionPoint]] = {}
         for p in points:
             pairs.setdefault(self.pair_key(p), []).append(p)
@@ -145,8 +162,8 @@ class VCRA(nn.Module, Adapter, SharedProjection):
     def draw_pair(seed: int, index: int, rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair ``index`` of a VCRA with this seed: ``A (rank, d_in)``, ``B (d_out, rank)``, on the CPU."""
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-        a = torch.randn(rank, d_in, generator=g) / math.sqrt(d_in)
-        b = torch.randn(d_out, rank, generator=g) / math.sqrt(rank)
+        a = torch.randn(rank, d_in, generator=g, device="cpu") / math.sqrt(d_in)
+        b = torch.randn(d_out, rank, generator=g, device="cpu") / math.sqrt(rank)
         return a, b
 
     def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +303,7 @@ class VCRA(nn.Module, Adapter, SharedProjection):
         return s * lb[:, None] * (b[:d_out] @ (la[:, None] * a[:, :d_in]))  # (d_out, d_in)
 
     def merge(self) -> None:
+        refuse_pass_dependent_merge("vcra", self.points)
         self.clear_cache()
         injection.merge(self, self.points, self.delta_weight)
 

@@ -30,16 +30,22 @@ def mcam_v1(
     mcam_temperature: Temperature = 0.07,
     weight: Annotated[float, Field(ge=0)] = 1.0,
     itc_weight: Annotated[float, Field(ge=0)] = 1.0,
-    reduction: Literal["mean", "sum"] = "mean",
+    reduction: Literal["as_itc", "mean", "sum"] = "as_itc",
 ):
     """MCAM (UniTrans eq. 9-10): ``L_all = L_ITC + weight · Σ_i JS(softmax(S[i,:]/τ) ‖ softmax(S[:,i]/τ))``.
 
+    S is the cosine similarity matrix of the mini-batch's pairs (the global batch's online features), as eq. 9
+    defines it; with the retrieval task's BLIP recipe on, the ITC term uses the momentum candidates and the learned
+    τ1, L_ITR does not.
+
     Args:
-        temperature: τ1 of the ITC term (eq. 7).
+        temperature: τ1 of the ITC term (eq. 7), unless the retrieval task learns it (``learn_temperature``).
         mcam_temperature: τ of eq. 9.
         weight: multiplies ``mcam_loss`` (eq. 10 uses 1).
         itc_weight: multiplies ``itc_loss``.
-        reduction: ``mean`` over the batch's rows (comparable with ITC, the default) or ``sum`` as eq. 9 writes it.
+        reduction: ``as_itc`` (default): eq. 9's sum divided by what BLIP's ITC divides eq. 7's sums by (2 x
+            rows), so L_ITR : L_ITC is eq. 7 + 9's ratio as printed; ``mean``: the mean over rows (twice that
+            relative weight; the default before); ``sum``: eq. 9's sum as is.
     """
     from unitrans.alignment_losses.mcam import MCAM
 

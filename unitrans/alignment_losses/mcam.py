@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from unitrans.alignment_losses.itc import cross_similarities, itc_loss
+from unitrans.alignment_losses.itc import ContrastBank, contrastive_loss, cross_similarities
 from unitrans.interfaces import AlignmentLoss
 
 
@@ -29,18 +29,39 @@ def rank_consistency(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, temperature: 
     return js_divergence(log_p, log_q)
 
 
-class MCAM(AlignmentLoss):
-    """``L_all = itc_weight · L_ITC + weight · L_ITR``; parameter-free."""
+def reduce_rows(js: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``(B,)`` per-row JS -> the L_ITR term.
 
-    def __init__(self, temperature=0.07, mcam_temperature=0.07, weight=1.0, itc_weight=1.0, reduction="mean"):
+    ``as_itc`` (default): ``Σ_i JS_i / (2B)``. BLIP's ITC (``itc_loss``) is eq. 7's two sums divided by ``2B``
+    (the mean over rows of each direction, halved); dividing eq. 9's sum by the same ``2B`` keeps L_ITR : L_ITC
+    exactly as eq. 7 + 9 print it. ``mean``: ``Σ_i JS_i / B`` (twice that weight); ``sum``: ``Σ_i JS_i`` (eq. 9
+    on its own scale).
+    """
+    if reduction == "as_itc":
+        return js.sum() / (2 * js.shape[0])
+    return js.mean() if reduction == "mean" else js.sum()
+
+
+class MCAM(AlignmentLoss):
+    """``L_all = itc_weight · L_ITC + weight · L_ITR``; parameter-free.
+
+    L_ITR is computed on what eq. 9 names: the similarities of the mini-batch's image-text pairs under the
+    encoders being trained (the online features of the global batch, gathered across ranks), never on the
+    momentum encoder's or the queues' features. The rank lists ``S(x_i^V)`` and ``S(x_i^T)`` are row i and
+    column i of one square matrix over the same pairs; a queue holds other pairs' features for each direction and
+    has no such square. With BLIP's recipe on, ITC (eq. 7) uses the momentum candidates and the learned τ1 the
+    task hands it; L_ITR keeps its own τ (``mcam_temperature``, "a hyperparameter" in the paper).
+    """
+
+    def __init__(self, temperature=0.07, mcam_temperature=0.07, weight=1.0, itc_weight=1.0, reduction="as_itc"):
         self.temperature, self.mcam_temperature = temperature, mcam_temperature
         self.weight, self.itc_weight, self.reduction = weight, itc_weight, reduction
 
-    def __call__(self, image_feat, text_feat, image_ids):
-        sim_i2t, sim_t2i, pos = cross_similarities(image_feat, text_feat, image_ids)
-        js = rank_consistency(sim_i2t, sim_t2i, self.mcam_temperature)
-        itr = js.mean() if self.reduction == "mean" else js.sum()
+    def __call__(self, image_feat, text_feat, image_ids, bank: ContrastBank | None = None):
+        in_batch = cross_similarities(image_feat, text_feat, image_ids)
+        js = rank_consistency(in_batch[0], in_batch[1], self.mcam_temperature)
+        itc = contrastive_loss(image_feat, text_feat, image_ids, bank, self.temperature, in_batch=in_batch)
         return {
-            "itc_loss": self.itc_weight * itc_loss(sim_i2t, sim_t2i, pos, self.temperature),
-            "mcam_loss": self.weight * itr,
+            "itc_loss": self.itc_weight * itc,
+            "mcam_loss": self.weight * reduce_rows(js, self.reduction),
         }

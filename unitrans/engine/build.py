@@ -61,11 +61,15 @@ def attach_side_network(backbone, name: str, side, adapters: list) -> None:
     side.attach(backbone, adapters)
 
 
-def trainable_module(adapters: list, side) -> nn.ModuleDict:
-    """Adapters and side network as one module (``adapters.0.*``, ``side_network.*``: the checkpoint names)."""
+def trainable_module(adapters: list, side, task=None) -> nn.ModuleDict:
+    """Adapters, side network and the task's own trainable tensors as one module (``adapters.0.*``,
+    ``side_network.*``, ``task.*``: the checkpoint names)."""
     trainable = nn.ModuleDict({"adapters": nn.ModuleList(adapters)})
     if side is not None:
         trainable["side_network"] = side
+    task_module = getattr(task, "trainable_module", None)  # e.g. retrieval's learned temperature
+    if task_module is not None:
+        trainable["task"] = task_module
     return trainable
 
 
@@ -96,7 +100,7 @@ def build(spec, device: torch.device | str = "cpu", with_data: bool = True) -> H
     data = None
     if with_data:
         names["data"], data = build_component("datasets", spec.data)
-    trainable = trainable_module(adapters, side).to(device)
+    trainable = trainable_module(adapters, side, task).to(device)
     return Handle(backbone, adapters, side, alignment, task, data, names, trainable, spec=spec)
 
 
@@ -125,6 +129,11 @@ def count_parameters(built: Handle) -> dict:
         by_component[f"side_network ({built.names['side_network']})"] = {
             "total": sum(p.numel() for p in ps), "trainable": n_train}
         by_modality["C"] = by_modality.get("C", 0) + n_train
+    task_module = built.trainable["task"] if "task" in built.trainable else None
+    if task_module is not None:
+        ps = list(task_module.parameters())
+        by_component[f"task ({built.names['task']})"] = {
+            "total": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
     n_backbone_train = by_component[f"backbone ({built.names['backbone']})"]["trainable"]
     if n_backbone_train:
         by_modality["backbone"] = n_backbone_train

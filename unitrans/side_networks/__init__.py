@@ -11,7 +11,7 @@ from unitrans.options import PositiveInt
 @registry.side_networks.register("qasn.v1")
 def qasn_v1(
     rank: PositiveInt = 64,
-    filter: Literal["gate", "literal"] = "gate",
+    filter: Literal["gate", "literal", "centred"] = "gate",
     projections: Literal["shared", "own"] = "shared",
     projection_seed: int = 0,
 ):
@@ -23,7 +23,9 @@ def qasn_v1(
     Args:
         rank: r of the side network's low-rank maps (when it draws its own pair).
         filter: ``gate`` (default): ``f(h) = σ(α⊙h+β) ⊙ h``, identity at init; ``literal``:
-            ``f(h) = σ(α⊙h+β)`` as eq. 6 is printed (adds 0.5 everywhere at init).
+            ``f(h) = σ(α⊙h+β)`` as eq. 6 is printed (adds 0.5 everywhere at init); ``centred``:
+            ``f(h) = σ(α⊙h+β) - 1/2``, the printed filter less its value at init: the same function of α, β and h
+            up to a constant, so the same gradients, and identity at init (the paper specs use it).
         projections: ``shared``: reuse the fusion pair (A, B) of a VCRA adapter in the same spec, as the paper
             does (falls back to ``own`` without one); ``own``: a frozen pair drawn from ``projection_seed``.
         projection_seed: seed of the own pair.

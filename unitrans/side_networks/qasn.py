@@ -12,6 +12,17 @@ from torch import nn
 from unitrans.interfaces import SharedProjection, SideNetwork
 
 
+def filter_output(kind: str, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The information filter ``f`` of eq. 6 at ``z = α⊙h + β``: ``literal`` ``σ(z)`` as printed; ``centred``
+    ``σ(z) - 1/2``, the printed filter less a constant (the same gradients), zero at init (α=1, β=0, h=0);
+    ``gate`` ``σ(z) ⊙ h``."""
+    if kind == "gate":
+        return torch.sigmoid(z) * h
+    if kind == "centred":
+        return torch.sigmoid(z) - 0.5
+    return torch.sigmoid(z)
+
+
 class QASN(nn.Module, SideNetwork):
     """Eq. 5-6 through hooks on the fusion blocks (which run unchanged).
 
@@ -109,7 +120,7 @@ class QASN(nn.Module, SideNetwork):
             h = xw if h_prev is None else h_prev + xw  # eq. 5: h_{i+1} = h_i + x_i w_i
             self._h[i + 1] = h
             z = self.alpha[i].to(x.dtype) * h + self.beta[i].to(x.dtype)
-            f = torch.sigmoid(z) * h if self.filter == "gate" else torch.sigmoid(z)
+            f = filter_output(self.filter, z, h)
             if isinstance(out, tuple):
                 return (out[0] + f,) + tuple(out[1:])
             return out + f  # eq. 6

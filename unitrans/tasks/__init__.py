@@ -18,11 +18,17 @@ def retrieval_v1(
     negatives: Literal["hard", "random"] = "hard",
     itm_batch: PositiveInt = 128,
     hard_negative_temperature: PositiveFloat = 0.07,
+    learn_temperature: bool = False,
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0,
+    queue_size: NonNegativeInt = 0,
+    distill_alpha: Annotated[float, Field(ge=0, le=1)] = 0.0,
 ):
     """Image-text retrieval as BLIP trains and evaluates it.
 
     Training: the alignment loss (ITC, or ITC + MCAM) on the unimodal features, plus ITM on hard negatives drawn
-    from the ITC similarities (one negative text per image and one negative image per text).
+    from the ITC similarities (one negative text per image and one negative image per text). BLIP's retrieval
+    recipe, each part off by default and on in the paper specs: a learned temperature, a momentum (EMA) copy of
+    the trainable tensors, feature queues with image ids and momentum distillation.
     Evaluation: ITC similarities for all pairs, then the top ``k_test`` candidates of every query re-scored by the
     ITM head in chunks of ``itm_batch`` pairs; R@1/5/10 both ways and their mean.
 
@@ -33,12 +39,31 @@ def retrieval_v1(
         itm_weight: weight of the ITM loss (0 disables ITM training).
         negatives: ``hard`` (sampled by ITC similarity, BLIP) or ``random`` ITM negatives.
         itm_batch: image-text pairs per ITM forward during evaluation (bounds memory).
-        hard_negative_temperature: temperature of the softmax that samples hard negatives.
+        hard_negative_temperature: temperature of the softmax that samples hard negatives (with
+            ``learn_temperature``: the learned one instead, as BLIP).
+        learn_temperature: ITC's τ1 is a trainable scalar (BLIP's ``temp``), clamped to [0.001, 0.5] before every
+            forward, started from the checkpoint's ``temp`` when the backbone carries one (BLIP's original
+            checkpoints), else from the alignment loss's ``temperature``; ITC and hard-negative sampling use it.
+        momentum: EMA momentum of the momentum encoder (BLIP: 0.995): a copy of the trainable tensors only, updated
+            after every optimizer step; ITC's candidates are its features of the global batch (and the queues).
+            0: no momentum encoder.
+        queue_size: entries of the image and text feature queues with their image ids (BLIP: 57,600); positives
+            are found by id across batch and queue. 0: no queue. Needs ``momentum``.
+        distill_alpha: momentum distillation: ITC targets mix ``alpha`` of the momentum model's softmax
+            similarities into the id targets, ramped from 0 over the first epoch as BLIP does (BLIP: 0.4). Needs
+            ``momentum``.
     """
-    from unitrans.tasks.retrieval import Retrieval
+    if (queue_size or distill_alpha) and not momentum:
+        from unitrans.errors import UserError
 
+        raise UserError(f"task retrieval.v1: queue_size = {queue_size} and distill_alpha = {distill_alpha} use the "
+                        "momentum encoder's features; set momentum (BLIP: 0.995) or turn them off (0)")
+    from unitrans.tasks.retrieval import Recipe, Retrieval
+
+    recipe = Recipe(learn_temperature=learn_temperature, momentum=momentum, queue_size=queue_size,
+                    distill_alpha=distill_alpha)
     return Retrieval(k_test=k_test, rerank=rerank, itm_weight=itm_weight, negatives=negatives,
-                     itm_batch=itm_batch, hard_negative_temperature=hard_negative_temperature)
+                     itm_batch=itm_batch, hard_negative_temperature=hard_negative_temperature, recipe=recipe)
 
 
 class CaptioningOptions(Options):

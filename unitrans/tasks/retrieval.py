@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from unitrans.alignment_losses.itc import ContrastBank, MomentumCandidates
 from unitrans.interfaces import DualEncoder, FusionEncoder, ItmHead, Task, check_capabilities
+from unitrans.tasks.momentum import FeatureQueue, MomentumCopy, distill_alpha, gather_features
 
 
 def sample_negatives(sim: torch.Tensor, positives: torch.Tensor, hard: bool) -> torch.Tensor:
@@ -22,33 +27,132 @@ def sample_negatives(sim: torch.Tensor, positives: torch.Tensor, hard: bool) -> 
     return torch.multinomial(weights, 1).squeeze(1)
 
 
+TEMPERATURE_RANGE = (0.001, 0.5)  # BLIP clamps its learned temperature to this range before every forward
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """BLIP's retrieval fine-tuning recipe; every part off is plain in-batch ITC at a fixed temperature."""
+
+    learn_temperature: bool = False
+    momentum: float = 0.0
+    queue_size: int = 0
+    distill_alpha: float = 0.0
+
+
+class LearnedTemperature(nn.Module):
+    """BLIP's ``temp``: ITC's τ1 as one trainable scalar (part of the run's trainable tensors as ``task.temp``)."""
+
+    def __init__(self, value: float = 0.07):
+        super().__init__()
+        self.temp = nn.Parameter(torch.tensor(float(value)))
+
+    def clamped(self) -> torch.Tensor:
+        """Clamp in place to BLIP's range (no gradient), then return the parameter (0-d)."""
+        with torch.no_grad():
+            self.temp.clamp_(*TEMPERATURE_RANGE)
+        return self.temp
+
+
 class Retrieval(Task):
     metric_keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
     primary_metric = "r_mean"
 
     def __init__(self, k_test=16, rerank="itm+itc", itm_weight=1.0, negatives="hard", itm_batch=128,
-                 hard_negative_temperature=0.07):
+                 hard_negative_temperature=0.07, recipe: Recipe = Recipe()):
         self.k_test, self.rerank, self.itm_weight = k_test, rerank, itm_weight
         self.negatives, self.itm_batch, self.hn_temp = negatives, itm_batch, hard_negative_temperature
+        self.recipe = recipe
+        # trainable tensors of the task itself: the build puts them beside the adapters (``trainable["task"]``)
+        self.trainable_module = LearnedTemperature() if recipe.learn_temperature else None
+        self._momentum: MomentumCopy | None = None
+        self._queue: FeatureQueue | None = None
+        self._alpha = 0.0  # momentum distillation weight of the current step (BLIP: 0 at the first step)
+        self._pending = None  # this step's gathered momentum features, enqueued once the loss is computed
+
+    # ---- training hooks --------------------------------------------------------------------------------------
+    def setup(self, built) -> None:
+        """Start the learned temperature from the checkpoint's (or the alignment loss's) and take the momentum
+        copy of every trainable tensor but the task's own."""
+        if self.trainable_module is not None:
+            start = getattr(built.backbone, "itc_temperature", None)
+            if start is None:
+                start = getattr(built.alignment, "temperature", 0.07)
+            with torch.no_grad():
+                self.trainable_module.temp.fill_(float(start))
+        if self.recipe.momentum:
+            live = {k: v for k, v in built.trainable_state().items() if not k.startswith("task.")}
+            self._momentum = MomentumCopy(live, self.recipe.momentum)
+
+    def on_step_start(self, step: int, epoch: int, steps_per_epoch: int) -> None:
+        self._alpha = distill_alpha(self.recipe.distill_alpha, step, epoch, steps_per_epoch)
+
+    def on_optimizer_step(self) -> None:
+        if self._momentum is not None:
+            self._momentum.update()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = self._momentum.state_dict() if self._momentum is not None else {}
+        if self._queue is not None:
+            state.update(self._queue.state_dict())
+        return state
+
+    def load_state_dict(self, state) -> None:
+        if self._momentum is not None:
+            self._momentum.load_state_dict(state)
+        if self.recipe.queue_size and "queue.image" in state:
+            self._queue = FeatureQueue(self.recipe.queue_size, state["queue.image"].shape[1],
+                                       state["queue.image"].device)
+            self._queue.load_state_dict(state)
 
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, backbone, batch, alignment):
         device = batch["image"].device
         tok = backbone.tokenize(batch["caption"], device)
         image_ids = batch["image_id"].to(device)
+        # the momentum forward swaps tensors in place, so it runs before this step's graph exists
+        bank = self._contrast_bank(backbone, batch["image"], tok, image_ids) if alignment is not None else None
         image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
         image_feat = backbone.image_feat(image_embeds)  # (B, P)
         text_feat = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
-        losses = dict(alignment(image_feat, text_feat, image_ids)) if alignment is not None else {}
+        losses = {}
+        if alignment is not None:
+            extra = {} if bank is None else {"bank": bank}
+            losses.update(alignment(image_feat, text_feat, image_ids, **extra))
+        if self._pending is not None:
+            self._queue.enqueue(*self._pending)
+            self._pending = None
         if self.itm_weight > 0:
+            tau = float(bank.temperature.detach()) if bank is not None and bank.temperature is not None else self.hn_temp
             losses["itm_loss"] = self.itm_weight * self._itm_loss(backbone, tok, image_ids, image_embeds,
-                                                                  image_feat, text_feat)
+                                                                  image_feat, text_feat, tau)
         return losses
 
-    def _itm_loss(self, backbone, tok, image_ids, image_embeds, image_feat, text_feat):
+    def _contrast_bank(self, backbone, images, tok, image_ids) -> ContrastBank | None:
+        """The learned temperature and the momentum encoder's candidates for ITC (``None``: recipe off)."""
+        temp = self.trainable_module.clamped() if self.trainable_module is not None else None
+        if not self.recipe.momentum:
+            return None if temp is None else ContrastBank(temperature=temp)
+        if self._momentum is None:
+            raise RuntimeError("task retrieval.v1: momentum needs Task.setup(built) before the first training step")
+        with self._momentum.swapped_in(), torch.no_grad():
+            image_m = backbone.image_feat(backbone.encode_image(images))  # (B, P)
+            text_m = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
+        g_image, g_text, g_ids = gather_features(image_m, text_m, image_ids)  # (G, P), (G, P), (G,)
+        if self.recipe.queue_size and self._queue is None:
+            self._queue = FeatureQueue(self.recipe.queue_size, image_m.shape[1], image_m.device)
+        if self._queue is not None:
+            self._pending = (g_image, g_text, g_ids)
+            g_image = torch.cat([g_image, self._queue.image.to(g_image.dtype)])  # (G + Q, P): batch, then queue
+            g_text = torch.cat([g_text, self._queue.text.to(g_text.dtype)])
+            g_ids = torch.cat([g_ids, self._queue.ids])
+        cands = MomentumCandidates(g_image, g_text, g_ids, image_m, text_m, alpha=self._alpha)
+        return ContrastBank(temperature=temp, momentum=cands)
+
+    def _itm_loss(self, backbone, tok, image_ids, image_embeds, image_feat, text_feat, temperature: float):
         b = image_embeds.shape[0]
         with torch.no_grad():
-            sim = image_feat @ text_feat.t() / self.hn_temp  # (B, B) local batch
+            sim = image_feat @ text_feat.t() / temperature  # (B, B) local batch
             pos = image_ids[:, None] == image_ids[None, :]
             hard = self.negatives == "hard"
             neg_text = sample_negatives(sim, pos, hard)  # a text for each image
