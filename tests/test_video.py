@@ -17,11 +17,20 @@ pytest.importorskip("av")
 
 from unitrans.data.blip_json import DataError  # noqa: E402
 from unitrans.data.video import frame_range, load_frames, sample_indices, write_video  # noqa: E402
-from unitrans.data.video_json import (VideoClips, VideoQAData, VideoRetrievalData,  # noqa: E402
-                                      VideoRetrievalEvalDataset, VideoRetrievalTrainDataset)
+from unitrans.data import entries  # noqa: E402
+from unitrans.data.base import MediaDataset  # noqa: E402
+from unitrans.data.video_json import VideoClips, VideoQAData, VideoRetrievalData  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def VideoRetrievalTrainDataset(ann_file, root, clips):
+    return MediaDataset(entries.pairs_train(Path(ann_file), Path(root), 30, "video"), clips, train=True)
+
+
+def VideoRetrievalEvalDataset(ann_file, root, clips):
+    return MediaDataset(entries.pairs_eval(Path(ann_file), Path(root), 30, "video"), clips, train=False)
 
 
 def colour_of(t: int) -> tuple[int, int, int]:
@@ -116,7 +125,7 @@ def test_train_items_are_deterministic_per_seed_epoch_item(tmp_path, clip):
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps([{"video": clip.name, "caption": f"clip {i}"} for i in range(3)]))
     ds = VideoRetrievalTrainDataset(ann, clip.parent, VideoClips(4, "random", 32, MEAN, STD))
-    assert [a[4] for a in ds.annotation] == [0, 0, 0]  # one video: contrastive positives
+    assert [r.fields["image_id"] for r in ds.records] == [0, 0, 0]  # one video: contrastive positives
     ds.set_epoch(3, seed=7)
     a, b = ds[1]["image"], ds[1]["image"]
     assert torch.equal(a, b)
@@ -142,7 +151,8 @@ def broken(tmp_path, clip):
 
 
 def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", 2, 2).setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", num_frames_train=2,
+                              num_frames_eval=2).setup(32, MEAN, STD)
     for ds in (data.train, data.test):
         with pytest.raises(DataError, match="missing.mp4"):
             ds[0]
@@ -152,8 +162,8 @@ def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
 
 
 def test_skip_counts_and_replaces(broken, caplog):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", 2, 2,
-                              on_error="skip").setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", num_frames_train=2,
+                              num_frames_eval=2, on_error="skip").setup(32, MEAN, STD)
     with caplog.at_level(logging.WARNING, logger="unitrans.data"):
         item = data.train[0]  # missing -> garbage -> good
         assert item["caption"] == "three" and data.train.skipped == 2
@@ -168,7 +178,8 @@ def test_skip_counts_and_replaces(broken, caplog):
 def test_skip_counter_is_shared_with_loader_workers(broken):
     from unitrans.data.blip_json import collate_retrieval
 
-    data = VideoRetrievalData(broken, broken / "train.json", None, None, 2, 2, on_error="skip").setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, broken / "train.json", None, None, num_frames_train=2, num_frames_eval=2,
+                              on_error="skip").setup(32, MEAN, STD)
     loader = torch.utils.data.DataLoader(data.train, batch_size=1, num_workers=2, collate_fn=collate_retrieval)
     batches = list(loader)
     assert [b["caption"] for b in batches] == [["three"]] * 3 and batches[0]["image"].shape == (1, 2, 3, 32, 32)

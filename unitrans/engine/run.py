@@ -159,7 +159,10 @@ def run(spec) -> int:
 
 
 def _run(spec, device: torch.device) -> int:
+    from unitrans.engine.preflight import check_data
     from unitrans.spec import write_resolved
+
+    check_data(spec, world=dist.world_size())  # every data problem at once, before any file or model
 
     out = Path(spec.output_dir)
     if dist.is_main():
