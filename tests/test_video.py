@@ -151,7 +151,7 @@ def broken(tmp_path, clip):
 
 
 def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", num_frames_train=2,
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json", num_frames_train=2,
                               num_frames_eval=2).setup(32, MEAN, STD)
     for ds in (data.train, data.test):
         with pytest.raises(DataError, match="missing.mp4"):
@@ -162,7 +162,7 @@ def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
 
 
 def test_skip_counts_and_replaces(broken, caplog):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", num_frames_train=2,
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json", num_frames_train=2,
                               num_frames_eval=2, on_error="skip").setup(32, MEAN, STD)
     with caplog.at_level(logging.WARNING, logger="unitrans.data"):
         item = data.train[0]  # missing -> garbage -> good
@@ -178,7 +178,7 @@ def test_skip_counts_and_replaces(broken, caplog):
 def test_skip_counter_is_shared_with_loader_workers(broken):
     from unitrans.data.blip_json import collate_retrieval
 
-    data = VideoRetrievalData(broken, broken / "train.json", None, None, num_frames_train=2, num_frames_eval=2,
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", num_frames_train=2, num_frames_eval=2,
                               on_error="skip").setup(32, MEAN, STD)
     loader = torch.utils.data.DataLoader(data.train, batch_size=1, num_workers=2, collate_fn=collate_retrieval)
     batches = list(loader)
@@ -193,7 +193,7 @@ def test_msrvtt_qa_items(tmp_path, clip):
     (tmp_path / "qa_train.json").write_text(json.dumps(qa))
     (tmp_path / "qa_test.json").write_text(json.dumps(qa))
     (tmp_path / "ans2label.json").write_text(json.dumps({"no": 1, "colours": 0}))
-    data = VideoQAData(clip.parent, tmp_path / "qa_train.json", None, tmp_path / "qa_test.json",
+    data = VideoQAData(clip.parent, train_file=tmp_path / "qa_train.json", test_file=tmp_path / "qa_test.json",
                        answer_list=tmp_path / "ans2label.json", num_frames_train=2,
                        num_frames_eval=3).setup(32, MEAN, STD)
     batch = data.collate([data.train[0], data.train[1]])

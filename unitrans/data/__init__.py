@@ -129,6 +129,21 @@ class ShapesScenes(_Builder):
     p_single: Fraction = 0.25
 
 
+@dataclass(kw_only=True)
+class SplitFiles(_Builder):
+    """The annotation file of each split (``None``: no such split).
+
+    Args:
+        train_file: train annotation, one entry per caption (or question); ``None``: no train split.
+        val_file: validation annotation, one entry per image or video (or question).
+        test_file: test annotation.
+    """
+
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+
+
 # ---- annotation files ------------------------------------------------------------------------------------------
 class _Files:
     """``setup`` and ``preflight`` of a builder that reads annotation files over a media folder.
@@ -143,13 +158,13 @@ class _Files:
         return getattr(self, f"{self.media_key}_root")
 
     def parsers(self) -> dict[str, Callable[[], "Parsed"] | None]:
-        raise NotImplementedError
+        return _pair_parsers(self)
 
     def reader(self, train: bool, image_size: int, mean, std) -> "MediaReader":
         raise NotImplementedError
 
     def module(self, sets: dict[str, Any]) -> "DataModule":
-        raise NotImplementedError
+        return _pairs_module(self, sets)
 
     def setup(self, image_size: int, mean, std) -> "DataModule":
         """Reads and checks the annotation files (not the media) into datasets."""
@@ -194,17 +209,19 @@ class _Files:
         return check_image
 
 
-def _retrieval_parsers(b: Any, eval_parse: Callable[[str], Callable[[], "Parsed"]]) -> dict[str, Any]:
+def _pair_parsers(b: Any, eval_parse: Callable[[Path, Path | None], "Parsed"] | None = None) -> dict[str, Any]:
+    """Parsers of a train / val / test builder: train pairs, and ``eval_parse(file, gt_file)`` (default: eval
+    pairs) for val and test."""
     from unitrans.data import entries as ann
 
     root, key = b.media_root(), b.media_key
-    files = {"train": b.train_file, "val": b.val_file, "test": b.test_file}
-    out: dict[str, Any] = {s: None for s in SPLITS}
-    if files["train"] is not None:
-        out["train"] = lambda: ann.pairs_train(files["train"], root, b.max_words, key)
+    if eval_parse is None:
+        eval_parse = lambda path, _: ann.pairs_eval(path, root, b.max_words, key)  # noqa: E731
+    out: dict[str, Any] = {"train": None if b.train_file is None else
+                           (lambda: ann.pairs_train(b.train_file, root, b.max_words, key))}
     for split in ("val", "test"):
-        if files[split] is not None:
-            out[split] = eval_parse(split)
+        path, gt = getattr(b, f"{split}_file"), getattr(b, f"{split}_gt_file", None)
+        out[split] = None if path is None else (lambda p, g: lambda: eval_parse(p, g))(path, gt)
     return out
 
 
@@ -225,70 +242,49 @@ def _pairs_module(b: Any, sets: dict[str, Any]) -> "DataModule":
 
 @registry.datasets.register("blip_retrieval.v1")
 @dataclass
-class BlipRetrievalData(_Files, ImageOptions):
+class BlipRetrievalData(_Files, SplitFiles, ImageOptions):
     """Image-text retrieval from BLIP annotation files (``coco_karpathy_*.json``, ``flickr30k_*.json``), a Karpathy
     split file (``dataset_coco.json``) or COCO captions (``captions_val2014.json``).
 
+    Train entries: one per caption, grouped into images by ``image_id`` (else by image file). Eval entries: one
+    per image, ``caption`` a list (entries naming one image twice are merged, with a warning).
+
     Args:
         image_root: folder the annotations' image paths are relative to.
-        train_file: train annotation (one entry per caption; ``image_id`` groups captions, else the image file);
-            ``None``: no train split.
-        val_file: eval annotation (one entry per image, ``caption`` a list; repeated images are merged).
-        test_file: eval annotation.
     """
 
     image_root: str
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
-
-    def parsers(self):
-        from unitrans.data.entries import pairs_eval
-
-        files = {"val": self.val_file, "test": self.test_file}
-        return _retrieval_parsers(self, lambda s: lambda: pairs_eval(files[s], self.image_root, self.max_words))
 
     def reader(self, train, image_size, mean, std):
         return _image_reader(self, train, image_size, mean, std)
 
-    def module(self, sets):
-        return _pairs_module(self, sets)
-
 
 @registry.datasets.register("blip_caption.v1")
 @dataclass
-class BlipCaptionData(_Files, ImageOptions):
+class BlipCaptionData(_Files, SplitFiles, ImageOptions):
     """Image captioning from BLIP's Karpathy files (``coco_karpathy_{train,val,test}.json`` + ``*_gt.json``), a
     Karpathy split file or COCO captions.
 
+    An eval image's id: its ``image_id``, else the number ending its file name (COCO), else (no ground-truth
+    file to match) its position in the file.
+
     Args:
         image_root: folder the annotations' image paths are relative to.
-        train_file: train annotation (one entry per caption); ``None``: no train split.
-        val_file: eval annotation (one entry per image). Its id: ``image_id``, else the number ending the file
-            name (COCO), else (no ground-truth file) its position.
-        test_file: eval annotation.
         val_gt_file: COCO-format ground truth of ``val_file`` (``None``: the eval file's captions).
         test_gt_file: COCO-format ground truth of ``test_file``.
     """
 
     image_root: str
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
     val_gt_file: str | None = None
     test_gt_file: str | None = None
 
     def parsers(self):
         from unitrans.data.entries import caption_eval
 
-        files = {"val": (self.val_file, self.val_gt_file), "test": (self.test_file, self.test_gt_file)}
-        return _retrieval_parsers(self, lambda s: lambda: caption_eval(files[s][0], self.image_root, files[s][1]))
+        return _pair_parsers(self, lambda path, gt: caption_eval(path, self.image_root, gt))
 
     def reader(self, train, image_size, mean, std):
         return _image_reader(self, train, image_size, mean, std)
-
-    def module(self, sets):
-        return _pairs_module(self, sets)
 
 
 def _qa_module(b: Any, sets: dict[str, Any], answers: list[str] | None) -> "DataModule":
@@ -368,7 +364,7 @@ class _VideoFiles(_Files):
 
 @registry.datasets.register("didemo_retrieval.v1")
 @dataclass
-class VideoRetrievalData(_VideoFiles, VideoOptions):
+class VideoRetrievalData(_VideoFiles, SplitFiles, VideoOptions):
     """Video-text retrieval from LAVIS's DiDeMo files (``retrieval_{train,val,test}.json``), decoded with decord.
 
     Train entries ``{"video", "caption"}`` (one per caption; grouped by ``image_id`` / ``video_id``, else by the
@@ -377,30 +373,14 @@ class VideoRetrievalData(_VideoFiles, VideoOptions):
 
     Args:
         video_root: folder the annotations' video paths are relative to.
-        train_file: train annotation; ``None``: no train split.
-        val_file: eval annotation; ``None``: no val split.
-        test_file: eval annotation; ``None``: no test split.
     """
 
     video_root: str
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
-
-    def parsers(self):
-        from unitrans.data.entries import pairs_eval
-
-        files = {"val": self.val_file, "test": self.test_file}
-        return _retrieval_parsers(self, lambda s: lambda: pairs_eval(files[s], self.video_root, self.max_words,
-                                                                     "video"))
-
-    def module(self, sets):
-        return _pairs_module(self, sets)
 
 
 @registry.datasets.register("msrvtt_qa.v1")
 @dataclass
-class VideoQAData(_VideoFiles, VideoOptions):
+class VideoQAData(_VideoFiles, SplitFiles, VideoOptions):
     """Video QA from LAVIS's MSRVTT-QA files (``qa_{train,val,test}.json``), for task ``vqa.v1``.
 
     Entries ``{"question_id", "question", "answer", "video"}``; one answer per question, so ``vqa_acc`` is the
@@ -408,17 +388,11 @@ class VideoQAData(_VideoFiles, VideoOptions):
 
     Args:
         video_root: folder the annotations' video paths are relative to.
-        train_file: train questions; ``None``: no train split.
-        val_file: eval questions; ``None``: no val split.
-        test_file: eval questions; ``None``: no test split.
         answer_list: candidates for ``rank`` inference: a JSON list or LAVIS's ``train_ans2label.json``;
             ``None``: the train file's distinct answers, most frequent first.
     """
 
     video_root: str
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
     answer_list: str | None = None
     max_words: PositiveInt = field(default=50, kw_only=True)
 

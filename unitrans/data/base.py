@@ -100,32 +100,28 @@ class MediaDataset:
         return random.Random(f"{self.seed}:{self.epoch}:{i}")
 
     def _load(self, j: int, rng: random.Random | None) -> Any:
+        """Item ``j``'s media, or ``None`` when it cannot be read and ``on_error`` is ``"skip"`` (counted)."""
         rec = self.records[j]
-        return self.reader.load(rec.media, rec.start, rec.end, rng)
+        try:
+            return self.reader.load(rec.media, rec.start, rec.end, rng)
+        except DataError as exc:
+            if self.reader.on_error == "raise":
+                raise
+            self.reader.note_skip(rec.media, exc)
+            return None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < len(self.records):
-            raise IndexError(f"item {i} of a dataset of {len(self.records)}")
+        n = len(self.records)
+        if not 0 <= i < n:
+            raise IndexError(f"item {i} of a dataset of {n}")
         if not self.train:
-            try:
-                media = self._load(i, None)
-            except DataError as exc:
-                if self.reader.on_error == "raise":
-                    raise
-                self.reader.note_skip(self.records[i].media, exc)
-                media = self.reader.blank()
-            return {"image": media, **_copy(self.records[i].fields)}
-        rng, n = self.rng(i), len(self.records)
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                media = self._load(j, rng)
-            except DataError as exc:
-                if self.reader.on_error == "raise":
-                    raise
-                self.reader.note_skip(self.records[j].media, exc)
-                continue
-            return {"image": media, **_copy(self.records[j].fields)}
+            media = self._load(i, None)
+            return {"image": self.reader.blank() if media is None else media, **_copy(self.records[i].fields)}
+        rng = self.rng(i)
+        for j in ((i + k) % n for k in range(n)):  # under "skip": the next readable item, same generator
+            media = self._load(j, rng)
+            if media is not None:
+                return {"image": media, **_copy(self.records[j].fields)}
         raise DataError(f"{self.ann_file}: on_error = 'skip' but none of its {n} {self.reader.kind}s could be read")
 
 
