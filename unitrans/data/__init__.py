@@ -209,19 +209,19 @@ class _Files:
         return check_image
 
 
-def _pair_parsers(b: Any, eval_parse: Callable[[Path, Path | None], "Parsed"] | None = None) -> dict[str, Any]:
-    """Parsers of a train / val / test builder: train pairs, and ``eval_parse(file, gt_file)`` (default: eval
-    pairs) for val and test."""
+def _pair_parsers(b: Any, eval_parse: Callable[[Path, Path | None, str], "Parsed"] | None = None) -> dict[str, Any]:
+    """Parsers of a train / val / test builder: train pairs, and ``eval_parse(file, gt_file, split)`` (default:
+    eval pairs) for val and test."""
     from unitrans.data import entries as ann
 
     root, key = b.media_root(), b.media_key
     if eval_parse is None:
-        eval_parse = lambda path, _: ann.pairs_eval(path, root, b.max_words, key)  # noqa: E731
+        eval_parse = lambda path, _, split: ann.pairs_eval(path, root, b.max_words, key, split)  # noqa: E731
     out: dict[str, Any] = {"train": None if b.train_file is None else
                            (lambda: ann.pairs_train(b.train_file, root, b.max_words, key))}
     for split in ("val", "test"):
         path, gt = getattr(b, f"{split}_file"), getattr(b, f"{split}_gt_file", None)
-        out[split] = None if path is None else (lambda p, g: lambda: eval_parse(p, g))(path, gt)
+        out[split] = None if path is None else (lambda p, g, s: lambda: eval_parse(p, g, s))(path, gt, split)
     return out
 
 
@@ -281,7 +281,7 @@ class BlipCaptionData(_Files, SplitFiles, ImageOptions):
     def parsers(self):
         from unitrans.data.entries import caption_eval
 
-        return _pair_parsers(self, lambda path, gt: caption_eval(path, self.image_root, gt))
+        return _pair_parsers(self, lambda path, gt, split: caption_eval(path, self.image_root, gt, split))
 
     def reader(self, train, image_size, mean, std):
         return _image_reader(self, train, image_size, mean, std)

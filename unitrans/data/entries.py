@@ -181,10 +181,10 @@ def pairs_train(path: Path, root: Path, max_words: int, media_key: str = "image"
     return Parsed(path, records, {"image_ids": image_ids})
 
 
-def _merged(path: Path, root: Path, media_key: str, need_captions: bool = True) -> list[tuple]:
+def _merged(path: Path, root: Path, media_key: str, need_captions: bool = True, slot: str = "test") -> list[tuple]:
     """Eval entries grouped by media (and times), as ``(media, start, end, captions, first entry)``: a file with
     one entry per caption (a train file) becomes one entry per image, with a warning."""
-    entries = read_entries(path, "test", root)
+    entries = read_entries(path, slot, root)
     groups: dict[tuple, tuple] = {}
     for i, e in enumerate(entries):
         media, start, end = _media(path, i, e, media_key, root)
@@ -198,14 +198,15 @@ def _merged(path: Path, root: Path, media_key: str, need_captions: bool = True) 
     return list(groups.values())
 
 
-def pairs_eval(path: Path, root: Path, max_words: int, media_key: str = "image") -> Parsed:
+def pairs_eval(path: Path, root: Path, max_words: int, media_key: str = "image", slot: str = "test") -> Parsed:
     """Eval pairs, one entry per image with its captions (``caption``: a list or a string).
 
     Attributes: ``images`` (one path per image), ``times``, ``texts`` (every caption, cleaned, image by image),
-    ``txt2img`` and ``img2txt`` (the ground truth both ways). Fields: ``index``.
+    ``txt2img`` and ``img2txt`` (the ground truth both ways). Fields: ``index``. ``slot``: the split of a
+    Karpathy file to read (``val`` or ``test``).
     """
     records, texts, txt2img, img2txt = [], [], [], []
-    for k, (media, start, end, captions, _) in enumerate(_merged(path, root, media_key)):
+    for k, (media, start, end, captions, _) in enumerate(_merged(path, root, media_key, slot=slot)):
         img2txt.append(list(range(len(texts), len(texts) + len(captions))))
         texts += [pre_caption(c, max_words) for c in captions]
         txt2img += [k] * len(captions)
@@ -242,13 +243,13 @@ def _caption_id(path: Path, i: int, entry: dict[str, Any], has_gt: bool) -> int:
     return i
 
 
-def caption_eval(path: Path, root: Path, gt_file: Path | None = None) -> Parsed:
+def caption_eval(path: Path, root: Path, gt_file: Path | None = None, slot: str = "test") -> Parsed:
     """Captioning eval, one entry per image: fields ``image_id`` (int); attrs ``images``, ``image_ids``,
     ``references`` (id -> reference captions: the ground-truth file's, else the entry's own)."""
     from unitrans.data.layouts import read_coco_gt
 
     records, own = [], {}
-    for k, (media, _, _, captions, entry) in enumerate(_merged(path, root, "image", need_captions=False)):
+    for k, (media, _, _, captions, entry) in enumerate(_merged(path, root, "image", False, slot)):
         image_id = _caption_id(path, k, entry, gt_file is not None)
         if image_id in own:
             raise DataError(f"{path}: entry {k}: image id {image_id} is also the id of another image; give each "

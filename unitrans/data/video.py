@@ -187,7 +187,7 @@ def load_frames(
         duration = len(vr) / fps
         if on_clamp is not None and any(t is not None and t > duration + 0.5 for t in (start, end)):
             on_clamp(str(path), start, end, duration)
-        indices = sample_indices(len(vr), num_frames, strategy, rng, fps, start, end)
+        indices = sample_indices(len(vr), num_frames, strategy, rng, fps, start, end)  # drawn once per item
         try:
             frames = vr.get_batch(indices).asnumpy()  # (T, H, W, 3)
         except decord.DECORDError as exc:
@@ -195,7 +195,8 @@ def load_frames(
                 raise
             # decord 0.6 fails to resize to some widths (16, 24, 48, 72, ...): decode, then resize here
             _DECODER_CANNOT_RESIZE.add(size)
-            return load_frames(path, num_frames, strategy, size, rng, start, end, num_threads, on_clamp)
+            resize_here = True
+            frames = open_video(path, None, num_threads).get_batch(indices).asnumpy()
     except (RuntimeError, decord.DECORDError) as exc:
         raise _data_error(f"cannot decode video {path}: {str(exc).splitlines()[0]}") from None
     if resize_here:
