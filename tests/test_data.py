@@ -8,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -261,10 +260,18 @@ def _holds(a: dict, rel: str, b: dict) -> bool:
     }[rel]
 
 
-def test_make_shapes_files_and_loader(tmp_path):
-    t0 = time.perf_counter()
+def _count_renders(monkeypatch) -> list:
+    import unitrans.data.shapes as shapes
+
+    calls, render = [], shapes._render
+    monkeypatch.setattr(shapes, "_render", lambda *a: calls.append(1) or render(*a))
+    return calls
+
+
+def test_make_shapes_files_and_loader(tmp_path, monkeypatch):
+    renders = _count_renders(monkeypatch)
     paths = make_shapes(tmp_path / "s", **SMALL)
-    assert time.perf_counter() - t0 < 5
+    assert len(renders) == 40 + 6 + 8  # one drawing per image, nothing else
     for key in ("train", "val", "test", "layout", "manifest"):
         assert Path(paths[key]).is_file()
     manifest = json.loads(Path(paths["manifest"]).read_text())
@@ -284,7 +291,7 @@ def test_make_shapes_files_and_loader(tmp_path):
         assert len(set(test.texts[j] for j in test.img2txt[i])) == 3  # three distinct paraphrases
 
 
-def test_make_shapes_deterministic_and_idempotent(tmp_path):
+def test_make_shapes_deterministic_and_idempotent(tmp_path, monkeypatch):
     p1 = make_shapes(tmp_path / "one", **SMALL)
     p2 = make_shapes(tmp_path / "two", **SMALL)
     for key in ("train", "val", "test", "layout"):
@@ -295,9 +302,9 @@ def test_make_shapes_deterministic_and_idempotent(tmp_path):
     assert Path(p1["train"]).read_text() != Path(p3["train"]).read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in [Path(p1["manifest"]), Path(p1["train"]), tmp_path / "one" / name]}
-    t0 = time.perf_counter()
+    renders = _count_renders(monkeypatch)
     assert make_shapes(tmp_path / "one", **SMALL) == p1
-    assert time.perf_counter() - t0 < 0.2
+    assert renders == []  # up to date: nothing drawn, nothing written
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # other parameters regenerate in place
     make_shapes(tmp_path / "one", **{**SMALL, "n_test": 3})

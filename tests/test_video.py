@@ -307,3 +307,22 @@ rank = 4
     assert cli.main(["run", str(spec), "--output-dir", str(out), *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["vqa_acc"] <= 100 and (out / "vqa_result_test.json").is_file()
+
+
+def test_times_past_the_end_of_a_clip_warn_once_with_the_count(tmp_path, clip, caplog):
+    """The clip lasts 2 s: three entries end after it (clamped to the clip), one ends inside it."""
+    ann = tmp_path / "test.json"
+    ann.write_text(json.dumps([{"video": clip.name, "caption": [f"c{k}"], "times": [0.5, end]}
+                               for k, end in enumerate((5.0, 9.0, 1.5, 30.0))]))
+    data = VideoRetrievalData(clip.parent, test_file=ann, num_frames_eval=2)
+    with caplog.at_level(logging.WARNING, logger="unitrans.data"):
+        report = data.preflight(deep=True)
+    warned = [r.getMessage() for r in caplog.records if "past the end" in r.getMessage()]
+    assert report.problems == [] and len(warned) == 1 and str(ann) in warned[0] and ": 3 entries" in warned[0]
+    caplog.clear()
+    test = data.setup(32, MEAN, STD).test
+    with caplog.at_level(logging.WARNING, logger="unitrans.data"):
+        for i in range(len(test)):
+            assert test[i]["image"].shape == (2, 3, 32, 32)
+    warned = [r.getMessage() for r in caplog.records if "pass the end" in r.getMessage()]
+    assert len(warned) == 1 and clip.name in warned[0]
