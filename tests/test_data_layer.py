@@ -271,7 +271,7 @@ def test_rand_augment_operations_match_a_reference(name):
 
     from unitrans.data.augment import _op
 
-    img = np.random.default_rng(5).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    img = np.random.default_rng(5).integers(0, 256, (30, 34, 3), dtype=np.uint8)
     img[..., 2] //= 2  # a channel that does not span [0, 255]
     for sign_draw in (0.2, 0.8):  # BLIP: magnitude 5 of 10, sign negative when the draw is above 0.5
         rng = random.Random()
