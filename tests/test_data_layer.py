@@ -57,7 +57,8 @@ def _video_root(tmp: Path) -> Path:
     rng = np.random.default_rng(1)
     for k in range(3):
         write_video(root / f"clip{k}.mp4", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), fps=4)
-    _json(root / "train.json", [{"video": f"clip{k}.mp4", "caption": f"clip {k} {j}"} for k in range(3) for j in (0, 1)])
+    _json(root / "train.json", [{"video": f"clip{k}.mp4", "caption": f"clip {k} {j}"}
+                                for k in range(3) for j in (0, 1)])
     _json(root / "qa.json", [{"question_id": 2 * k + j, "question": f"what {j}?", "answer": f"a{k}",
                               "video": f"clip{k}.mp4"} for k in range(3) for j in (0, 1)])
     return root

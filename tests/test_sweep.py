@@ -226,7 +226,7 @@ def test_tiny_sweep_reports_the_crash_in_its_folder(tiny):
     assert row["status"] == "2 of 2 failed or not run" and row["seeds"] == []
     for seed in SEEDS:
         error = (out / "broken" / f"seed{seed}" / "error.txt").read_text()
-        assert "exit status 1" in error and "NotADirectoryError" in error
+        assert "exit status 2" in error and "not_a_folder" in error and "set data.root" in error  # one clear line
         assert not (out / "broken" / f"seed{seed}" / "metrics.json").exists()
     for variant in OK_VARIANTS:
         assert not (out / variant / "seed0" / "error.txt").exists()

@@ -68,13 +68,14 @@ def _run(tmp_path: Path, task: str, layout: str) -> dict:
     backbone = {"retrieval": "", "captioning": ', task_model = "captioning"'}[task]
     extra = {"retrieval": 'alignment_loss = "itc.v1"\ntask = {name = "retrieval.v1", k_test = 2}',
              "captioning": 'alignment_loss = "none"\ntask = {name = "captioning.v1", max_length = 8, min_length = 2}'}
-    options = ", ".join(f'{k} = "{v}"' for k, v in files.items())
+    name = "blip_caption.v1" if task == "captioning" else "blip_retrieval.v1"
+    options = ", ".join(f'{k} = "{v}"' for k, v in {"image_root": folder / "photos", **files}.items())
     spec = folder / "spec.toml"
     spec.write_text(f"""
 seed = 0
 {extra[task]}
 backbone = {{name = "blip.v1", preset = "tiny"{backbone}}}
-data = {{name = "{'blip_caption.v1' if task == 'captioning' else 'blip_retrieval.v1'}", image_root = "{folder / 'photos'}", {options}}}
+data = {{name = "{name}", {options}}}
 [[adapters]]
 name = "lora.v1"
 targets = ["vision.attn.q"]

@@ -151,8 +151,8 @@ def broken(tmp_path, clip):
 
 
 def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
-    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json", num_frames_train=2,
-                              num_frames_eval=2).setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json",
+                              num_frames_train=2, num_frames_eval=2).setup(32, MEAN, STD)
     for ds in (data.train, data.test):
         with pytest.raises(DataError, match="missing.mp4"):
             ds[0]
@@ -162,8 +162,8 @@ def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
 
 
 def test_skip_counts_and_replaces(broken, caplog):
-    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json", num_frames_train=2,
-                              num_frames_eval=2, on_error="skip").setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json",
+                              num_frames_train=2, num_frames_eval=2, on_error="skip").setup(32, MEAN, STD)
     with caplog.at_level(logging.WARNING, logger="unitrans.data"):
         item = data.train[0]  # missing -> garbage -> good
         assert item["caption"] == "three" and data.train.skipped == 2

@@ -137,8 +137,8 @@ def _validate_data(spec: "Spec", deep: bool) -> int:
         _err(f"error: {format_problems(report.problems, shown=None)}")
         return EXIT_USER
     sizes = ", ".join(f"{k} {v:,}" for k, v in report.sizes.items() if v is not None)
-    print(f"data: ok ({sizes or 'sizes unknown'}; {report.checked_files:,} media files "
-          f"{'opened' if deep else 'found'})")
+    media = f"; {report.checked_files:,} media files {'opened' if deep else 'found'}" if report.checked_files else ""
+    print(f"data: ok ({sizes or 'sizes unknown'}{media})")
     return EXIT_OK
 
 

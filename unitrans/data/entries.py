@@ -67,10 +67,11 @@ class Parsed:
 def read_json(path: str | Path, what: str = "annotation file") -> Any:
     """The parsed JSON of ``path``. Raises :class:`DataError` (naming the file) when missing or malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON: {exc}") from None
     except OSError as exc:
