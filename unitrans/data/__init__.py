@@ -445,6 +445,11 @@ class _Generated:
         return report
 
 
+def _options(b: Any, group: type) -> dict[str, Any]:
+    """``b``'s values of an option group's fields (to hand them to the file builder that reads generated files)."""
+    return {f.name: getattr(b, f.name) for f in dataclasses.fields(group)}
+
+
 def _split_files(paths: dict[str, str], prefix: str, counts: dict[str, int]) -> dict[str, str | None]:
     return {f"{s}_file": (paths[f"{prefix}{s}"] if counts[s] > 0 else None) for s in SPLITS}
 
@@ -460,9 +465,6 @@ class _ShapesImages(_Generated, ShapesScenes, ImageOptions):
     def generator_args(self) -> dict[str, Any]:
         return dict(n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, image_size=self.image_size,
                     captions_per_image=self.captions_per_image, seed=self.seed, p_single=self.p_single)
-
-    def image_options(self) -> dict[str, Any]:
-        return dict(max_words=self.max_words, min_scale=self.min_scale, augment=self.augment, on_error=self.on_error)
 
     def sizes(self):
         return {"train": self.n_train * self.captions_per_image, "val": self.n_val, "test": self.n_test}
@@ -483,7 +485,7 @@ class ShapesRetrievalData(_ShapesImages):
 
         paths = make_shapes(self.root, **self.generator_args())
         return BlipRetrievalData(paths["image_root"], **_split_files(paths, "", self.counts()),
-                                 **self.image_options()), paths
+                                 **_options(self, ImageOptions)), paths
 
 
 @registry.datasets.register("shapes_caption.v1")
@@ -502,7 +504,7 @@ class ShapesCaptionData(_ShapesImages):
         paths = make_shapes_caption(self.root, **self.generator_args())
         split = _split_files(paths, "", self.counts())
         gt = {f"{s}_gt_file": paths[f"{s}_gt"] if split[f"{s}_file"] else None for s in ("val", "test")}
-        return BlipCaptionData(paths["image_root"], **split, **gt, **self.image_options()), paths
+        return BlipCaptionData(paths["image_root"], **split, **gt, **_options(self, ImageOptions)), paths
 
 
 @registry.datasets.register("shapes_vqa.v1")
@@ -536,8 +538,7 @@ class ShapesVQAData(_Generated, ShapesScenes, ImageOptions):
                                 n_val=self.n_val, n_test=self.n_test, image_size=self.image_size,
                                 captions_per_image=1, seed=self.seed, p_single=self.p_single)
         return BlipVQAData(paths["image_root"], [paths["vqa_train"]], paths["vqa_val"], paths["vqa_test"],
-                           paths["answer_list"], max_words=self.max_words, min_scale=self.min_scale,
-                           augment=self.augment, on_error=self.on_error), paths
+                           paths["answer_list"], **_options(self, ImageOptions)), paths
 
 
 @registry.datasets.register("easy_vqa.v1")
@@ -581,8 +582,7 @@ class EasyVQAData(_Generated, ImageOptions):
         paths = make_easy_vqa(self.root, **self.generator_args())
         val = paths["vqa_val"] if self.n_val_images > 0 else None
         return BlipVQAData(paths["image_root"], [paths["vqa_train"]], val, paths["vqa_test"], paths["answer_list"],
-                           max_words=self.max_words, min_scale=self.min_scale, augment=self.augment,
-                           on_error=self.on_error), paths
+                           **_options(self, ImageOptions)), paths
 
 
 @dataclass(kw_only=True)
@@ -619,9 +619,6 @@ class _ShapesVideo(_Generated, VideoOptions):
                                  num_frames=self.clip_frames, image_size=self.clip_size,
                                  captions_per_video=self.captions_per_video, seed=self.seed)
 
-    def video_options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(VideoOptions)}
-
 
 @registry.datasets.register("shapes_video_retrieval.v1")
 @dataclass(kw_only=True)
@@ -636,7 +633,7 @@ class ShapesVideoRetrievalData(_ShapesVideo):
         paths = self.generate()
         counts = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
         return VideoRetrievalData(paths["video_root"], **_split_files(paths, "ret_", counts),
-                                  **self.video_options()), paths
+                                  **_options(self, VideoOptions)), paths
 
 
 @registry.datasets.register("shapes_video_qa.v1")
@@ -654,7 +651,7 @@ class ShapesVideoQAData(_ShapesVideo):
         paths = self.generate()
         counts = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
         return VideoQAData(paths["video_root"], **_split_files(paths, "qa_", counts), answer_list=paths["answer_list"],
-                           **self.video_options()), paths
+                           **_options(self, VideoOptions)), paths
 
 
 # the names registry.toml points at
