@@ -291,7 +291,9 @@ def answer_weights(answers: Sequence[str], dataset: str = "vqa") -> tuple[list[s
     return list(weights), list(weights.values())
 
 
-def _question(path: Path, i: int, e: dict, roots: dict[str, Path | None], media_key: str, max_words: int, train: bool):
+def _question(path: Path, i: int, e: dict, roots: dict[str, Path | None], media_key: str, max_words: int,
+              train: bool) -> Record:
+    """One question entry as a train or eval record (see :func:`questions`)."""
     source = e.get("dataset", "vqa")
     if source not in roots:
         raise DataError(f"{path}: entry {i} key 'dataset' is '{source}'; expected 'vqa' or 'vg'")
@@ -303,9 +305,9 @@ def _question(path: Path, i: int, e: dict, roots: dict[str, Path | None], media_
             raise DataError(f"{path}: entry {i} has no answer to train on")
         answers, weights = answer_weights(answers, source)
         return Record(media, {"question": question, "answers": answers, "weights": weights}, start, end)
-    qid = _id(e.get("question_id", i))
-    if qid is None:
-        raise DataError(f"{path}: entry {i} key 'question_id' has type {type(e['question_id']).__name__}")
+    qid = e.get("question_id", i)  # kept as written: the results file names questions by it
+    if _id(qid) is None:
+        raise DataError(f"{path}: entry {i} key 'question_id' has type {type(qid).__name__}")
     human = answers * N_AGREEING if len(answers) == 1 else answers
     return Record(media, {"question": question, "question_id": qid, "answers": human}, start, end)
 
@@ -322,7 +324,7 @@ def questions(paths: Sequence[Path], roots: dict[str, Path | None], max_words: i
     for path in paths:
         seen = set()
         for i, e in enumerate(read_entries(path)):
-            rec = _question(path, i, e, roots, media_key, 10**6 if max_words is None else max_words, train)
+            rec = _question(path, i, e, roots, media_key, max_words, train)
             if not train:
                 if rec.fields["question_id"] in seen:
                     raise DataError(f"{path}: entry {i}: question_id {rec.fields['question_id']!r} appears twice")
