@@ -388,3 +388,16 @@ def test_unwritable_data_root_is_one_line_naming_the_folder(name, tmp_path):
     with pytest.raises(DataError) as info:
         builder.setup(SIZE, MEAN, STD)
     assert str(root) in str(info.value) and "data.root" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_still_one_line_naming_it(tmp_path, photos):
+    from unitrans.data.blip_json import collate_retrieval
+
+    ann = _json(tmp_path / "t.json", [{"image": "coffee.png", "caption": ["x"]},
+                                      {"image": "gone.png", "caption": ["y"]}])
+    test = registry.get("datasets", "blip_retrieval.v1")(image_root=str(photos), test_file=str(ann)).setup(
+        SIZE, MEAN, STD).test
+    loader = torch.utils.data.DataLoader(test, batch_size=1, num_workers=1, collate_fn=collate_retrieval)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    assert str(info.value) == f"image not found: {photos / 'gone.png'}"

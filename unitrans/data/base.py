@@ -29,6 +29,18 @@ log = logging.getLogger("unitrans.data")
 ON_ERROR = ("raise", "skip")
 
 
+class MediaError(DataError):
+    """An image or video that cannot be read. Raised in a data-loader worker, torch re-creates it in the main
+    process from ``"Caught MediaError in DataLoader worker ... Original Traceback ..."``: the message is cut back
+    to the file's own line, so the error a user sees still starts with the file."""
+
+    def __init__(self, message: str):
+        name = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and name in message:
+            message = message.rsplit(name, 1)[1].strip().splitlines()[0]
+        super().__init__(message)
+
+
 class MediaReader:
     """Loads the media of one record (an image, or a video's sampled frames) under an ``on_error`` policy.
 
@@ -106,7 +118,7 @@ class MediaDataset:
             return self.reader.load(rec.media, rec.start, rec.end, rng)
         except DataError as exc:
             if self.reader.on_error == "raise":
-                raise
+                raise MediaError(str(exc)) from None
             self.reader.note_skip(rec.media, exc)
             return None
 
