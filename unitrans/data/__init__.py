@@ -148,8 +148,9 @@ class SplitFiles(_Builder):
 class _Files:
     """``setup`` and ``preflight`` of a builder that reads annotation files over a media folder.
 
-    A subclass says which parser reads each split (:meth:`parsers`), how media are read (:meth:`reader`) and what
-    the data module holds besides the datasets (:meth:`module`).
+    A subclass says which parser reads each split (:meth:`parsers`; default: train and eval pairs), how media are
+    read (:meth:`reader`, :meth:`deep_check`; default: images) and what the data module holds besides the datasets
+    (:meth:`module`; default: the retrieval collate).
     """
 
     media_key = "image"
@@ -161,7 +162,7 @@ class _Files:
         return _pair_parsers(self)
 
     def reader(self, train: bool, image_size: int, mean, std) -> "MediaReader":
-        raise NotImplementedError
+        return _image_reader(self, train, image_size, mean, std)
 
     def module(self, sets: dict[str, Any]) -> "DataModule":
         return _pairs_module(self, sets)
@@ -255,9 +256,6 @@ class BlipRetrievalData(_Files, SplitFiles, ImageOptions):
 
     image_root: str
 
-    def reader(self, train, image_size, mean, std):
-        return _image_reader(self, train, image_size, mean, std)
-
 
 @registry.datasets.register("blip_caption.v1")
 @dataclass
@@ -282,9 +280,6 @@ class BlipCaptionData(_Files, SplitFiles, ImageOptions):
         from unitrans.data.entries import caption_eval
 
         return _pair_parsers(self, lambda path, gt, split: caption_eval(path, self.image_root, gt, split))
-
-    def reader(self, train, image_size, mean, std):
-        return _image_reader(self, train, image_size, mean, std)
 
 
 def _qa_module(b: Any, sets: dict[str, Any], answers: list[str] | None) -> "DataModule":
@@ -335,9 +330,6 @@ class BlipVQAData(_Files, ImageOptions):
 
     def parsers(self):
         return _qa_parsers(self, list(self.train_files), {"vqa": self.image_root, "vg": self.vg_root})
-
-    def reader(self, train, image_size, mean, std):
-        return _image_reader(self, train, image_size, mean, std)
 
     def module(self, sets):
         from unitrans.data.entries import read_answer_list
