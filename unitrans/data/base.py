@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from unitrans.data.entries import Parsed, Record
 from unitrans.errors import DataError

@@ -11,10 +11,9 @@ parameter set (a ``manifest.json`` written last marks a finished set).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
