@@ -8,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +16,10 @@ import torch
 from PIL import Image
 
 from unitrans import registry
-from unitrans.data.blip_json import (
-    BlipRetrievalData,
-    DataError,
-    RetrievalEvalDataset,
-    RetrievalTrainDataset,
-    collate_retrieval,
-    pre_caption,
-)
-from unitrans.data.images import ImageTransform, load_image, random_resized_crop_box
+from unitrans.data import entries as ann
+from unitrans.data.base import MediaDataset
+from unitrans.data.blip_json import BlipRetrievalData, DataError, collate_retrieval, pre_caption
+from unitrans.data.images import ImageReader, ImageTransform, load_image, random_resized_crop_box
 from unitrans.data.shapes import COLOURS, make_shapes
 from unitrans.interfaces import DataModule
 
@@ -88,6 +82,14 @@ def tiny(tmp_path):
     return root, train, test
 
 
+def RetrievalTrainDataset(ann_file, root, transform, max_words=30):
+    return MediaDataset(ann.pairs_train(Path(ann_file), Path(root), max_words), ImageReader(transform), train=True)
+
+
+def RetrievalEvalDataset(ann_file, root, transform, max_words=30):
+    return MediaDataset(ann.pairs_eval(Path(ann_file), Path(root), max_words), ImageReader(transform), train=False)
+
+
 def test_train_dataset(tiny):
     root, train, _ = tiny
     ds = RetrievalTrainDataset(train, root, ImageTransform(24, MEAN, STD, train=False))
@@ -138,9 +140,9 @@ def test_annotation_errors_at_construction(tmp_path, tiny):
     with pytest.raises(DataError) as info:
         RetrievalTrainDataset(lacking, root, tf)
     assert str(lacking) in str(info.value) and "entry 1" in str(info.value) and "'caption'" in str(info.value)
-    no_id = _write(tmp_path / "no_id.json", [{"image": "a.png", "caption": "x"}])
-    with pytest.raises(DataError, match="'image_id'"):
-        RetrievalTrainDataset(no_id, root, tf)
+    no_id = _write(tmp_path / "no_id.json", [{"image": "a.png", "caption": "x"}, {"image": "sub/b.png", "caption": "y"},
+                                             {"image": "a.png", "caption": "z"}])
+    assert [it["image_id"] for it in RetrievalTrainDataset(no_id, root, tf)] == [0, 1, 0]  # grouped by image file
     with pytest.raises(DataError, match="'image'"):
         RetrievalEvalDataset(_write(tmp_path / "e.json", [{"caption": ["x"]}]), root, tf)
 
@@ -258,10 +260,18 @@ def _holds(a: dict, rel: str, b: dict) -> bool:
     }[rel]
 
 
-def test_make_shapes_files_and_loader(tmp_path):
-    t0 = time.perf_counter()
+def _count_renders(monkeypatch) -> list:
+    import unitrans.data.shapes as shapes
+
+    calls, render = [], shapes._render
+    monkeypatch.setattr(shapes, "_render", lambda *a: calls.append(1) or render(*a))
+    return calls
+
+
+def test_make_shapes_files_and_loader(tmp_path, monkeypatch):
+    renders = _count_renders(monkeypatch)
     paths = make_shapes(tmp_path / "s", **SMALL)
-    assert time.perf_counter() - t0 < 5
+    assert len(renders) == 40 + 6 + 8  # one drawing per image, nothing else
     for key in ("train", "val", "test", "layout", "manifest"):
         assert Path(paths[key]).is_file()
     manifest = json.loads(Path(paths["manifest"]).read_text())
@@ -281,7 +291,7 @@ def test_make_shapes_files_and_loader(tmp_path):
         assert len(set(test.texts[j] for j in test.img2txt[i])) == 3  # three distinct paraphrases
 
 
-def test_make_shapes_deterministic_and_idempotent(tmp_path):
+def test_make_shapes_deterministic_and_idempotent(tmp_path, monkeypatch):
     p1 = make_shapes(tmp_path / "one", **SMALL)
     p2 = make_shapes(tmp_path / "two", **SMALL)
     for key in ("train", "val", "test", "layout"):
@@ -292,9 +302,9 @@ def test_make_shapes_deterministic_and_idempotent(tmp_path):
     assert Path(p1["train"]).read_text() != Path(p3["train"]).read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in [Path(p1["manifest"]), Path(p1["train"]), tmp_path / "one" / name]}
-    t0 = time.perf_counter()
+    renders = _count_renders(monkeypatch)
     assert make_shapes(tmp_path / "one", **SMALL) == p1
-    assert time.perf_counter() - t0 < 0.2
+    assert renders == []  # up to date: nothing drawn, nothing written
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # other parameters regenerate in place
     make_shapes(tmp_path / "one", **{**SMALL, "n_test": 3})
@@ -339,7 +349,7 @@ def test_builders_return_datamodules(tmp_path, tiny, monkeypatch):
     assert isinstance(data, BlipRetrievalData)
     dm = data.setup(24, MEAN, STD)
     assert isinstance(dm, DataModule) and dm.val is None and dm.collate is collate_retrieval
-    assert isinstance(dm.train, RetrievalTrainDataset) and isinstance(dm.test, RetrievalEvalDataset)
+    assert dm.train.train and not dm.test.train and len(dm.train) == 5 and len(dm.test) == 3
     assert dm.test[0]["image"].shape == (3, 24, 24)
     with pytest.raises(DataError, match="missing.json"):
         blip(image_root=str(root), val_file=str(tmp_path / "missing.json")).setup(24, MEAN, STD)
@@ -348,8 +358,8 @@ def test_builders_return_datamodules(tmp_path, tiny, monkeypatch):
     shapes = registry.datasets.live()["shapes_retrieval.v1"]
     dm = shapes(root="rel/shapes", n_train=10, n_val=2, n_test=3, image_size=32).setup(40, MEAN, STD)
     assert (tmp_path / "rel" / "shapes" / "manifest.json").is_file()
-    assert isinstance(dm.train, RetrievalTrainDataset) and len(dm.train) == 30
-    assert isinstance(dm.val, RetrievalEvalDataset) and len(dm.val) == 2 and len(dm.test) == 3
+    assert dm.train.train and len(dm.train) == 30
+    assert not dm.val.train and len(dm.val) == 2 and len(dm.test) == 3
     batch = dm.collate([dm.train[i] for i in range(4)])
     assert batch["image"].shape == (4, 3, 40, 40)
 

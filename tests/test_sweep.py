@@ -226,7 +226,7 @@ def test_tiny_sweep_reports_the_crash_in_its_folder(tiny):
     assert row["status"] == "2 of 2 failed or not run" and row["seeds"] == []
     for seed in SEEDS:
         error = (out / "broken" / f"seed{seed}" / "error.txt").read_text()
-        assert "exit status 1" in error and "NotADirectoryError" in error
+        assert "exit status 2" in error and "not_a_folder" in error and "set data.root" in error  # one clear line
         assert not (out / "broken" / f"seed{seed}" / "metrics.json").exists()
     for variant in OK_VARIANTS:
         assert not (out / variant / "seed0" / "error.txt").exists()
@@ -272,11 +272,11 @@ def test_a_crash_in_a_real_subprocess_is_contained(tiny, capsys):
     out = tiny["tmp"] / "real"
     rc = cli.main(_argv(tiny["spec"], out, tiny["data"], "--only", "broken", "--seeds", "0", "--no-plots"))
     assert rc == 1
-    assert "broken/seed0: FAILED (exit status 1)" in capsys.readouterr().out
+    assert "broken/seed0: FAILED (exit status 2)" in capsys.readouterr().out  # the data root is a file
     folder = out / "broken" / "seed0"
-    assert "NotADirectoryError" in (folder / "error.txt").read_text()
+    assert "set data.root to a writable folder" in (folder / "error.txt").read_text()
     record = json.loads((folder / "sweep_run.json").read_text())
-    assert record["returncode"] == 1 and record["peak_rss_mib"] > 50  # python + torch are resident
+    assert record["returncode"] == 2 and record["peak_rss_mib"] > 50  # python + torch are resident
     assert (out / "results.md").is_file() and not (out / "loss_curves.png").exists()
 
 

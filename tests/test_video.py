@@ -17,11 +17,20 @@ pytest.importorskip("av")
 
 from unitrans.data.blip_json import DataError  # noqa: E402
 from unitrans.data.video import frame_range, load_frames, sample_indices, write_video  # noqa: E402
-from unitrans.data.video_json import (VideoClips, VideoQAData, VideoRetrievalData,  # noqa: E402
-                                      VideoRetrievalEvalDataset, VideoRetrievalTrainDataset)
+from unitrans.data import entries  # noqa: E402
+from unitrans.data.base import MediaDataset  # noqa: E402
+from unitrans.data.video_json import VideoClips, VideoQAData, VideoRetrievalData  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def VideoRetrievalTrainDataset(ann_file, root, clips):
+    return MediaDataset(entries.pairs_train(Path(ann_file), Path(root), 30, "video"), clips, train=True)
+
+
+def VideoRetrievalEvalDataset(ann_file, root, clips):
+    return MediaDataset(entries.pairs_eval(Path(ann_file), Path(root), 30, "video"), clips, train=False)
 
 
 def colour_of(t: int) -> tuple[int, int, int]:
@@ -116,7 +125,7 @@ def test_train_items_are_deterministic_per_seed_epoch_item(tmp_path, clip):
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps([{"video": clip.name, "caption": f"clip {i}"} for i in range(3)]))
     ds = VideoRetrievalTrainDataset(ann, clip.parent, VideoClips(4, "random", 32, MEAN, STD))
-    assert [a[4] for a in ds.annotation] == [0, 0, 0]  # one video: contrastive positives
+    assert [r.fields["image_id"] for r in ds.records] == [0, 0, 0]  # one video: contrastive positives
     ds.set_epoch(3, seed=7)
     a, b = ds[1]["image"], ds[1]["image"]
     assert torch.equal(a, b)
@@ -142,7 +151,8 @@ def broken(tmp_path, clip):
 
 
 def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", 2, 2).setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json",
+                              num_frames_train=2, num_frames_eval=2).setup(32, MEAN, STD)
     for ds in (data.train, data.test):
         with pytest.raises(DataError, match="missing.mp4"):
             ds[0]
@@ -152,8 +162,8 @@ def test_missing_and_corrupt_videos_raise_naming_the_file(broken):
 
 
 def test_skip_counts_and_replaces(broken, caplog):
-    data = VideoRetrievalData(broken, broken / "train.json", None, broken / "test.json", 2, 2,
-                              on_error="skip").setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", test_file=broken / "test.json",
+                              num_frames_train=2, num_frames_eval=2, on_error="skip").setup(32, MEAN, STD)
     with caplog.at_level(logging.WARNING, logger="unitrans.data"):
         item = data.train[0]  # missing -> garbage -> good
         assert item["caption"] == "three" and data.train.skipped == 2
@@ -168,7 +178,8 @@ def test_skip_counts_and_replaces(broken, caplog):
 def test_skip_counter_is_shared_with_loader_workers(broken):
     from unitrans.data.blip_json import collate_retrieval
 
-    data = VideoRetrievalData(broken, broken / "train.json", None, None, 2, 2, on_error="skip").setup(32, MEAN, STD)
+    data = VideoRetrievalData(broken, train_file=broken / "train.json", num_frames_train=2, num_frames_eval=2,
+                              on_error="skip").setup(32, MEAN, STD)
     loader = torch.utils.data.DataLoader(data.train, batch_size=1, num_workers=2, collate_fn=collate_retrieval)
     batches = list(loader)
     assert [b["caption"] for b in batches] == [["three"]] * 3 and batches[0]["image"].shape == (1, 2, 3, 32, 32)
@@ -182,7 +193,7 @@ def test_msrvtt_qa_items(tmp_path, clip):
     (tmp_path / "qa_train.json").write_text(json.dumps(qa))
     (tmp_path / "qa_test.json").write_text(json.dumps(qa))
     (tmp_path / "ans2label.json").write_text(json.dumps({"no": 1, "colours": 0}))
-    data = VideoQAData(clip.parent, tmp_path / "qa_train.json", None, tmp_path / "qa_test.json",
+    data = VideoQAData(clip.parent, train_file=tmp_path / "qa_train.json", test_file=tmp_path / "qa_test.json",
                        answer_list=tmp_path / "ans2label.json", num_frames_train=2,
                        num_frames_eval=3).setup(32, MEAN, STD)
     batch = data.collate([data.train[0], data.train[1]])
@@ -296,3 +307,22 @@ rank = 4
     assert cli.main(["run", str(spec), "--output-dir", str(out), *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["vqa_acc"] <= 100 and (out / "vqa_result_test.json").is_file()
+
+
+def test_times_past_the_end_of_a_clip_warn_once_with_the_count(tmp_path, clip, caplog):
+    """The clip lasts 2 s: three entries end after it (clamped to the clip), one ends inside it."""
+    ann = tmp_path / "test.json"
+    ann.write_text(json.dumps([{"video": clip.name, "caption": [f"c{k}"], "times": [0.5, end]}
+                               for k, end in enumerate((5.0, 9.0, 1.5, 30.0))]))
+    data = VideoRetrievalData(clip.parent, test_file=ann, num_frames_eval=2)
+    with caplog.at_level(logging.WARNING, logger="unitrans.data"):
+        report = data.preflight(deep=True)
+    warned = [r.getMessage() for r in caplog.records if "past the end" in r.getMessage()]
+    assert report.problems == [] and len(warned) == 1 and str(ann) in warned[0] and ": 3 entries" in warned[0]
+    caplog.clear()
+    test = data.setup(32, MEAN, STD).test
+    with caplog.at_level(logging.WARNING, logger="unitrans.data"):
+        for i in range(len(test)):
+            assert test[i]["image"].shape == (2, 3, 32, 32)
+    warned = [r.getMessage() for r in caplog.records if "pass the end" in r.getMessage()]
+    assert len(warned) == 1 and clip.name in warned[0]

@@ -121,6 +121,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(dump_toml(spec), end="")
     else:
         print("\n".join(_summary_lines(spec)))
+    return _validate_data(spec, args.deep) if spec.sweep is None else EXIT_OK
+
+
+def _validate_data(spec: "Spec", deep: bool) -> int:
+    """The second half of ``validate``: the data pre-flight (exit 2 with every problem listed)."""
+    from unitrans.engine.preflight import data_preflight, format_problems, missing_data
+
+    absent = [] if deep else missing_data(spec)
+    if absent:
+        print(f"data: not checked: none of its files is on this machine ({', '.join(absent)})")
+        return EXIT_OK
+    report = data_preflight(spec, deep=deep)
+    if report.problems:
+        _err(f"error: {format_problems(report.problems, shown=None)}")
+        return EXIT_USER
+    sizes = ", ".join(f"{k} {v:,}" for k, v in report.sizes.items() if v is not None)
+    media = f"; {report.checked_files:,} media files {'opened' if deep else 'found'}" if report.checked_files else ""
+    print(f"data: ok ({sizes or 'sizes unknown'}{media})")
     return EXIT_OK
 
 
@@ -239,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a spec (all problems at once) and show its resolved components")
     _add_spec_args(p)
     p.add_argument("--resolved", action="store_true", help="print the whole resolved spec as TOML")
+    p.add_argument("--deep", action="store_true", help="also open every image / video once and list every "
+                   "unreadable file")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="train and evaluate as a spec says")

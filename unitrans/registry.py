@@ -260,7 +260,8 @@ def first_party_registrations() -> list[IndexEntry]:
     entries = []
     for kind_name in KINDS:
         for name, builder in sorted(kind(kind_name).live().items()):
-            if builder.__module__ in FIRST_PARTY_MODULES:
+            if builder.__module__.partition(".")[0] in ("unitrans", "unitrans_blip", "unitrans_clip") and any(
+                    builder.__module__ == m or builder.__module__.startswith(m + ".") for m in FIRST_PARTY_MODULES):
                 target = f"{builder.__module__}:{builder.__qualname__}"
                 entries.append(IndexEntry(kind_name, name, target, summary_of(builder)))
     return entries

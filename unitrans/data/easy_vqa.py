@@ -15,11 +15,11 @@ folder, with the images left where the package keeps them (``image_root`` is the
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from unitrans.data.shapes import _write_json, up_to_date, writing
 from unitrans.errors import UserError
 
 GENERATOR = "easy_vqa.v1"
@@ -54,6 +54,28 @@ def _subsample(rows: list[dict[str, Any]], n: int | None, rng: random.Random) ->
     return [rows[i] for i in keep]
 
 
+def _splits(n_val_images: int, max_train: int | None, max_val: int | None, max_test: int | None,
+            seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The package's questions as BLIP entries, split and subsampled (nothing written)."""
+    pkg = _package()
+    train = _entries(pkg.get_train_questions(), "train", 0)
+    test = _entries(pkg.get_test_questions(), "test", len(train))
+    val_from = len(pkg.get_train_image_paths()) - n_val_images  # train image ids are 0 .. n_images - 1
+    val = [e for e in train if e["image_id"] >= val_from]
+    train = [e for e in train if e["image_id"] < val_from]
+    rng = random.Random(f"easy_vqa-{seed}")
+    return {"train": _subsample(train, max_train, rng), "val": _subsample(val, max_val, rng),
+            "test": _subsample(test, max_test, rng)}
+
+
+def split_sizes(**params: Any) -> dict[str, int | None]:
+    """Questions per split for :func:`make_easy_vqa`'s parameters, without writing anything."""
+    sizes: dict[str, int | None] = {k: len(v) for k, v in _splits(**params).items()}
+    if params["n_val_images"] == 0:
+        sizes["val"] = None
+    return sizes
+
+
 def make_easy_vqa(root: str | Path, n_val_images: int = 200, max_train: int | None = None,
                   max_val: int | None = None, max_test: int | None = None, seed: int = 0) -> dict[str, str]:
     """Writes BLIP-format VQA files for the package's easy-VQA data under ``root`` (a no-op when up to date).
@@ -68,62 +90,20 @@ def make_easy_vqa(root: str | Path, n_val_images: int = 200, max_train: int | No
     Returns:
         Paths: ``root``, ``image_root``, ``vqa_train``, ``vqa_val``, ``vqa_test``, ``answer_list``, ``manifest``.
     """
-    pkg = _package()
     root = Path(root)
     data = package_data_dir()
     paths = {"root": str(root), "image_root": str(data), "manifest": str(root / "manifest.json"),
              "answer_list": str(root / "answer_list.json")}
     paths.update({f"vqa_{s}": str(root / f"vqa_{s}.json") for s in ("train", "val", "test")})
-    params = {"generator": GENERATOR, "n_val_images": n_val_images, "max_train": max_train, "max_val": max_val,
-              "max_test": max_test, "seed": seed, "package_data": str(data)}
-    manifest = Path(paths["manifest"])
-    if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")) == params:
-        return paths
-    train = _entries(pkg.get_train_questions(), "train", 0)
-    test = _entries(pkg.get_test_questions(), "test", len(train))
-    n_images = len(pkg.get_train_image_paths())
-    val_from = n_images - n_val_images  # train image ids are 0 .. n_images - 1
-    val = [e for e in train if e["image_id"] >= val_from]
-    train = [e for e in train if e["image_id"] < val_from]
-    rng = random.Random(f"easy_vqa-{seed}")
-    splits = {"train": _subsample(train, max_train, rng), "val": _subsample(val, max_val, rng),
-              "test": _subsample(test, max_test, rng)}
-    root.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        _write(Path(paths[f"vqa_{split}"]), [{k: v for k, v in e.items() if k != "image_id"} for e in rows])
-    _write(Path(paths["answer_list"]), list(pkg.get_answers()))
-    _write(manifest, params)  # last: a crash before here leaves no manifest, so the next call rewrites
+    args = dict(n_val_images=n_val_images, max_train=max_train, max_val=max_val, max_test=max_test, seed=seed)
+    params = {"generator": GENERATOR, **args, "package_data": str(data)}
+    outputs = [Path(p) for k, p in paths.items() if k.startswith("vqa_") or k == "answer_list"]
+    with writing(root):
+        if not up_to_date(Path(paths["manifest"]), params, outputs):
+            root.mkdir(parents=True, exist_ok=True)
+            for split, rows in _splits(**args).items():
+                _write_json(Path(paths[f"vqa_{split}"]), [{k: v for k, v in e.items() if k != "image_id"}
+                                                          for e in rows])
+            _write_json(Path(paths["answer_list"]), list(_package().get_answers()))
+            _write_json(Path(paths["manifest"]), {"params": params})  # last: a crash before it rewrites next time
     return paths
-
-
-def _write(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    tmp.replace(path)
-
-
-class EasyVQAData:
-    """``easy_vqa.v1``: :func:`make_easy_vqa`, then the ``blip_vqa`` loader."""
-
-    def __init__(self, root, n_val_images=200, max_train=None, max_val=None, max_test=None, seed=0,
-                 max_words=50, min_scale=0.5):
-        self.root, self.max_words, self.min_scale = Path(root), max_words, min_scale
-        self.generator_args = dict(n_val_images=n_val_images, max_train=max_train, max_val=max_val,
-                                   max_test=max_test, seed=seed)
-
-    def setup(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        from unitrans.data.vqa_json import BlipVQAData
-
-        paths = make_easy_vqa(self.root, **self.generator_args)
-        data = BlipVQAData(
-            image_root=paths["image_root"], train_files=[paths["vqa_train"]],
-            val_file=paths["vqa_val"] if self.generator_args["n_val_images"] > 0 else None,
-            test_file=paths["vqa_test"], answer_list=paths["answer_list"], max_words=self.max_words,
-            min_scale=self.min_scale,
-        )
-        module = data.setup(image_size, mean, std)
-        module.extras["easy_vqa"] = paths
-        return module
-
-    def __repr__(self) -> str:
-        return f"EasyVQAData(root={self.root}, {self.generator_args})"

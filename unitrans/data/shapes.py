@@ -11,7 +11,7 @@ two-object captions, i.e. 2448 scenes ("A left of B" is the scene "B right of A"
 less specific than the scene ("a red circle and a blue square"). Positions, sizes and colours jitter, so
 images of one description differ.
 
-Only PIL is needed to generate; :class:`ShapesRetrievalData` hands the written files to the BLIP loader.
+Only PIL is needed to generate; the ``shapes_retrieval.v1`` builder hands the written files to the BLIP loader.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image, ImageDraw
+
+from unitrans.errors import DataError
+from unitrans.fileio import atomic_write_json
 
 GENERATOR = "shapes.v1"
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -167,9 +171,32 @@ def _scene(rng: random.Random, s: int, n_captions: int, p_single: float = P_SING
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)
+
+
+def up_to_date(manifest: Path, params: dict[str, Any], outputs: list[Path]) -> bool:
+    """True when ``manifest`` (written last by a generator) records ``params`` and every output exists; a
+    stale manifest is removed (never left over partial output)."""
+    if not manifest.is_file():
+        return False
+    try:
+        done = json.loads(manifest.read_text(encoding="utf-8")).get("params") == params
+    except (json.JSONDecodeError, AttributeError, OSError):
+        done = False
+    if done and all(p.exists() for p in outputs):
+        return True
+    manifest.unlink(missing_ok=True)
+    return False
+
+
+@contextmanager
+def writing(root: Path) -> Iterator[None]:
+    """Turns a failure to write generated data under ``root`` into one line that names the folder."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot write the generated data under {root}: {exc.strerror or exc}; set data.root "
+                        "to a writable folder") from None
 
 
 def make_shapes(
@@ -225,23 +252,22 @@ def make_shapes(
         "seed": seed,
         "p_single": p_single,
     }
-    manifest = files["manifest"]
-    if manifest.is_file():
-        try:
-            done = json.loads(manifest.read_text(encoding="utf-8")).get("params") == params
-        except (json.JSONDecodeError, AttributeError):
-            done = False
-        if done and all(files[k].is_file() for k in ("train", "val", "test", "layout")):
-            return paths
-        manifest.unlink(missing_ok=True)  # regenerating: never leave a manifest over partial output
+    with writing(root):
+        if not up_to_date(files["manifest"], params, [files[k] for k in ("train", "val", "test", "layout")]):
+            _generate(root, files, params)
+    return paths
 
+
+def _generate(root: Path, files: dict[str, Path], params: dict[str, Any]) -> None:
+    """Renders every image and writes the annotation files, the layout and (last) the manifest."""
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    splits = {"train": [], "val": [], "test": []}
+    image_size, captions_per_image, p_single = params["image_size"], params["captions_per_image"], params["p_single"]
+    rng = random.Random(params["seed"])
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
     layout = []
     index = 0
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for _ in range(n):
+    for split in ("train", "val", "test"):
+        for _ in range(params[f"n_{split}"]):
             name = f"shapes_{index:06d}"
             rel_path = f"images/{name}.png"
             scene = _scene(rng, image_size, captions_per_image, p_single)
@@ -258,66 +284,5 @@ def make_shapes(
     for split, entries in splits.items():
         _write_json(files[split], entries)
     _write_json(files["layout"], layout)
-    _write_json(manifest, {"params": params, "n_descriptions": N_DESCRIPTIONS, "files": paths})
-    return paths
-
-
-class ShapesRetrievalData:
-    """The ``shapes_retrieval.v1`` dataset: generates with :func:`make_shapes`, then loads with the BLIP loader.
-
-    Args:
-        root: output folder of the generator.
-        n_train, n_val, n_test, image_size, captions_per_image, seed, p_single: generator parameters.
-        max_words, min_scale: passed to the BLIP loader.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        n_train: int = 2000,
-        n_val: int = 100,
-        n_test: int = 100,
-        image_size: int = 64,
-        captions_per_image: int = 3,
-        seed: int = 0,
-        max_words: int = 30,
-        min_scale: float = 0.5,
-        p_single: float = P_SINGLE,
-    ):
-        self.root = Path(root)
-        self.generator_args = dict(
-            n_train=n_train,
-            n_val=n_val,
-            n_test=n_test,
-            image_size=image_size,
-            captions_per_image=captions_per_image,
-            seed=seed,
-            p_single=p_single,
-        )
-        self.max_words = max_words
-        self.min_scale = min_scale
-
-    def setup(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        """Generates the data if needed and returns the BLIP loader's ``DataModule`` for it.
-
-        Args:
-            image_size: model input side (the images are resized to it).
-            mean, std: the backbone's per-channel normalisation.
-        """
-        from unitrans.data.blip_json import BlipRetrievalData
-
-        paths = make_shapes(self.root, **self.generator_args)
-        data = BlipRetrievalData(
-            image_root=paths["image_root"],
-            train_file=paths["train"] if self.generator_args["n_train"] > 0 else None,
-            val_file=paths["val"] if self.generator_args["n_val"] > 0 else None,
-            test_file=paths["test"] if self.generator_args["n_test"] > 0 else None,
-            max_words=self.max_words,
-            min_scale=self.min_scale,
-        )
-        module = data.setup(image_size, mean, std)
-        module.extras["shapes"] = paths
-        return module
-
-    def __repr__(self) -> str:
-        return f"ShapesRetrievalData(root={self.root}, {self.generator_args})"
+    paths = {k: str(v) for k, v in files.items()}
+    _write_json(files["manifest"], {"params": params, "n_descriptions": N_DESCRIPTIONS, "files": paths})

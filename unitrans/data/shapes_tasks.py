@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from unitrans.data.shapes import COLOURS, P_SINGLE, SHAPES, _write_json, make_shapes
+from unitrans.data.shapes import COLOURS, P_SINGLE, SHAPES, _write_json, make_shapes, writing
 
 COUNT_WORDS = {1: "one", 2: "two"}
 QUESTION_KINDS = ("color", "relation", "count", "exists")
@@ -54,7 +54,8 @@ def make_shapes_caption(root: str | Path, **generator_args) -> dict[str, str]:
             images.append({"id": iid, "file_name": entry["image"]})
             anns += [{"image_id": iid, "caption": c, "id": len(anns) + k} for k, c in enumerate(entry["captions"])]
         out = Path(paths["root"]) / f"{split}_gt.json"
-        _write_json(out, {"images": images, "annotations": anns})
+        with writing(out.parent):
+            _write_json(out, {"images": images, "annotations": anns})
         paths[f"{split}_gt"] = str(out)
     return paths
 
@@ -150,70 +151,13 @@ def make_shapes_vqa(root: str | Path, questions_per_image: int = 3, answer_noise
             })
             qid += 1
     base = Path(paths["root"])
-    for split, rows in splits.items():
-        out = base / f"vqa_{split}.json"
-        _write_json(out, rows)
-        paths[f"vqa_{split}"] = str(out)
-    _write_json(base / "answer_list.json", answer_list())
+    with writing(base):
+        for split, rows in splits.items():
+            _write_json(base / f"vqa_{split}.json", rows)
+            paths[f"vqa_{split}"] = str(base / f"vqa_{split}.json")
+        _write_json(base / "answer_list.json", answer_list())
     paths["answer_list"] = str(base / "answer_list.json")
     return paths
 
 
-# ---- data modules ------------------------------------------------------------------------------------------
-class ShapesCaptionData:
-    """``shapes_caption.v1``: :func:`make_shapes_caption`, then the ``blip_caption`` loader."""
-
-    def __init__(self, root, max_words=30, min_scale=0.5, **generator_args):
-        self.root, self.max_words, self.min_scale, self.generator_args = Path(root), max_words, min_scale, generator_args
-
-    def setup(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        from unitrans.data.caption_json import BlipCaptionData
-
-        paths = make_shapes_caption(self.root, **self.generator_args)
-        g = self.generator_args
-        data = BlipCaptionData(
-            image_root=paths["image_root"],
-            train_file=paths["train"] if g["n_train"] > 0 else None,
-            val_file=paths["val"] if g["n_val"] > 0 else None,
-            test_file=paths["test"] if g["n_test"] > 0 else None,
-            val_gt_file=paths["val_gt"] if g["n_val"] > 0 else None,
-            test_gt_file=paths["test_gt"] if g["n_test"] > 0 else None,
-            max_words=self.max_words, min_scale=self.min_scale,
-        )
-        module = data.setup(image_size, mean, std)
-        module.extras["shapes"] = paths
-        return module
-
-    def __repr__(self) -> str:
-        return f"ShapesCaptionData(root={self.root}, {self.generator_args})"
-
-
-class ShapesVQAData:
-    """``shapes_vqa.v1``: :func:`make_shapes_vqa`, then the ``blip_vqa`` loader."""
-
-    def __init__(self, root, questions_per_image=3, answer_noise=0.15, min_scale=0.5, **generator_args):
-        self.root, self.min_scale = Path(root), min_scale
-        self.questions_per_image, self.answer_noise, self.generator_args = questions_per_image, answer_noise, generator_args
-
-    def setup(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        from unitrans.data.vqa_json import BlipVQAData
-
-        paths = make_shapes_vqa(self.root, self.questions_per_image, self.answer_noise, **self.generator_args)
-        g = self.generator_args
-        data = BlipVQAData(
-            image_root=paths["image_root"],
-            train_files=[paths["vqa_train"]] if g["n_train"] > 0 else [],
-            val_file=paths["vqa_val"] if g["n_val"] > 0 else None,
-            test_file=paths["vqa_test"] if g["n_test"] > 0 else None,
-            answer_list=paths["answer_list"], min_scale=self.min_scale,
-        )
-        module = data.setup(image_size, mean, std)
-        module.extras["shapes"] = paths
-        return module
-
-    def __repr__(self) -> str:
-        return f"ShapesVQAData(root={self.root}, {self.generator_args})"
-
-
-__all__ = ["P_SINGLE", "ShapesCaptionData", "ShapesVQAData", "answer_list", "human_answers",
-           "make_shapes_caption", "make_shapes_vqa"]
+__all__ = ["P_SINGLE", "answer_list", "human_answers", "make_shapes_caption", "make_shapes_vqa"]

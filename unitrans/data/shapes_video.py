@@ -11,14 +11,13 @@ parameter set (a ``manifest.json`` written last marks a finished set).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from unitrans.data.shapes import COLOURS, SHAPES, _a, _render, _write_json
+from unitrans.data.shapes import COLOURS, SHAPES, _a, _render, _write_json, up_to_date, writing
 
 GENERATOR = "shapes_video.v1"
 DIRECTIONS = ("right", "left", "up", "down")
@@ -95,8 +94,6 @@ def make_shapes_video(
     Returns:
         Paths: ``root``, ``video_root``, ``ret_train``, ..., ``qa_test``, ``answer_list``, ``manifest``.
     """
-    from unitrans.data.video import write_video
-
     if image_size < 32 or image_size % 2:
         raise ValueError(f"image_size must be even and >= 32 (yuv420p MP4), got {image_size}")
     if num_frames < 2 or min(n_train, n_val, n_test) < 0 or captions_per_video < 1:
@@ -111,28 +108,29 @@ def make_shapes_video(
     params = {"generator": GENERATOR, "n_train": n_train, "n_val": n_val, "n_test": n_test,
               "num_frames": num_frames, "image_size": image_size, "fps": fps,
               "captions_per_video": captions_per_video, "seed": seed}
-    manifest = files["manifest"]
-    if manifest.is_file():
-        try:
-            done = json.loads(manifest.read_text(encoding="utf-8")).get("params") == params
-        except (json.JSONDecodeError, AttributeError):
-            done = False
-        if done and all(Path(p).exists() for k, p in paths.items() if k != "manifest"):
-            return paths
-        manifest.unlink(missing_ok=True)
+    with writing(root):
+        if not up_to_date(files["manifest"], params, [Path(p) for k, p in paths.items() if k != "manifest"]):
+            _generate(files, params)
+    return paths
+
+
+def _generate(files: dict[str, Path], params: dict[str, Any]) -> None:
+    """Writes every clip, the annotation files, the answer list, the layout and (last) the manifest."""
+    from unitrans.data.video import write_video
 
     files["video_root"].mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    rng = random.Random(params["seed"])
+    image_size, num_frames, fps = params["image_size"], params["num_frames"], params["fps"]
     ret: dict[str, list] = {"train": [], "val": [], "test": []}
     qa: dict[str, list] = {"train": [], "val": [], "test": []}
     layout = []
     index, qid = 0, 0
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for _ in range(n):
+    for split in ("train", "val", "test"):
+        for _ in range(params[f"n_{split}"]):
             name = f"clip_{index:06d}.mp4"
             meta, frames = _clip(rng, image_size, num_frames)
             write_video(files["video_root"] / name, frames, fps=fps)
-            caps = _captions(meta["colour"], meta["shape"], meta["direction"], captions_per_video, rng)
+            caps = _captions(meta["colour"], meta["shape"], meta["direction"], params["captions_per_video"], rng)
             if split == "train":
                 ret[split] += [{"video": name, "caption": c, "video_id": f"clip_{index:06d}"} for c in caps]
             else:
@@ -147,40 +145,4 @@ def make_shapes_video(
         _write_json(files[f"qa_{split}"], qa[split])
     _write_json(files["answer_list"], list(ANSWERS))
     _write_json(files["layout"], layout)
-    _write_json(manifest, {"params": params, "files": paths})
-    return paths
-
-
-class ShapesVideoData:
-    """``shapes_video_retrieval.v1`` / ``shapes_video_qa.v1``: generates, then loads with the LAVIS-format loaders.
-
-    Args:
-        task: ``retrieval`` or ``qa``.
-        root: output folder of the generator.
-        generator_args: :func:`make_shapes_video` parameters.
-        loader_args: frames, sampling, on_error, max_words for the loader.
-    """
-
-    def __init__(self, task: str, root: str | Path, generator_args: dict[str, Any], loader_args: dict[str, Any]):
-        self.task, self.root = task, Path(root)
-        self.generator_args, self.loader_args = generator_args, loader_args
-
-    def setup(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        from unitrans.data.video_json import VideoQAData, VideoRetrievalData
-
-        paths = make_shapes_video(self.root, **self.generator_args)
-        g = self.generator_args
-        split = {s: (paths[f"{'ret' if self.task == 'retrieval' else 'qa'}_{s}"] if g[f"n_{s}"] > 0 else None)
-                 for s in ("train", "val", "test")}
-        if self.task == "retrieval":
-            data = VideoRetrievalData(paths["video_root"], split["train"], split["val"], split["test"],
-                                      **self.loader_args)
-        else:
-            data = VideoQAData(paths["video_root"], split["train"], split["val"], split["test"],
-                               answer_list=paths["answer_list"], **self.loader_args)
-        module = data.setup(image_size, mean, std)
-        module.extras["shapes_video"] = paths
-        return module
-
-    def __repr__(self) -> str:
-        return f"ShapesVideoData({self.task}, root={self.root}, {self.generator_args}, {self.loader_args})"
+    _write_json(files["manifest"], {"params": params, "files": {k: str(v) for k, v in files.items()}})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -156,6 +156,7 @@ def load_frames(
     start: float | None = None,
     end: float | None = None,
     num_threads: int = 1,
+    on_clamp: Callable[[str, float | None, float | None, float], None] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Decodes the sampled frames of one clip, and only those.
 
@@ -168,6 +169,8 @@ def load_frames(
         start: start time in seconds (``None``: the clip's start).
         end: end time in seconds (``None``: the clip's end).
         num_threads: decoder threads (1 inside data-loader workers: the workers are the parallelism).
+        on_clamp: called with ``(path, start, end, duration)`` when a time lies more than half a second past the
+            clip's end (the frames are then clamped to the clip).
 
     Returns:
         ``uint8`` frames ``(T, H, W, 3)`` (RGB) and the indices decoded.
@@ -181,7 +184,10 @@ def load_frames(
     vr = open_video(path, None if resize_here else size, num_threads)
     try:
         fps = float(vr.get_avg_fps()) or 1.0
-        indices = sample_indices(len(vr), num_frames, strategy, rng, fps, start, end)
+        duration = len(vr) / fps
+        if on_clamp is not None and any(t is not None and t > duration + 0.5 for t in (start, end)):
+            on_clamp(str(path), start, end, duration)
+        indices = sample_indices(len(vr), num_frames, strategy, rng, fps, start, end)  # drawn once per item
         try:
             frames = vr.get_batch(indices).asnumpy()  # (T, H, W, 3)
         except decord.DECORDError as exc:
@@ -189,7 +195,8 @@ def load_frames(
                 raise
             # decord 0.6 fails to resize to some widths (16, 24, 48, 72, ...): decode, then resize here
             _DECODER_CANNOT_RESIZE.add(size)
-            return load_frames(path, num_frames, strategy, size, rng, start, end, num_threads)
+            resize_here = True
+            frames = open_video(path, None, num_threads).get_batch(indices).asnumpy()
     except (RuntimeError, decord.DECORDError) as exc:
         raise _data_error(f"cannot decode video {path}: {str(exc).splitlines()[0]}") from None
     if resize_here:

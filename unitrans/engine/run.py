@@ -164,7 +164,10 @@ def run(spec) -> dict:
 
 
 def _run(spec, device: torch.device) -> dict:
+    from unitrans.engine.preflight import check_data
     from unitrans.spec import write_resolved
+
+    check_data(spec, world=dist.world_size())  # every data problem at once, before any file or model
 
     out = Path(spec.output_dir)
     if dist.is_main():
