@@ -215,3 +215,72 @@ def test_frame_aware_attention_scales_each_frames_keys_by_its_text_similarity():
     assert (w - 1).abs().max() > 1e-3
     torch.testing.assert_close(out, expected.view_as(out), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out1, F.linear(x1, key.weight, key.bias), atol=0, rtol=0)
+
+
+def test_the_export_command_refuses_it_in_one_line(tmp_path, capsys):
+    from unitrans import cli
+    from unitrans.engine.build import build
+    from unitrans.engine.checkpoint import save_adapter
+    from unitrans.spec import load_spec
+
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(f"""
+output_dir = "{tmp_path / 'run'}"
+backbone = {{name = "blip.v1", preset = "tiny"}}
+adapters = [{{name = "uniadapter.v1", rank = 8}}]
+task = {{name = "retrieval.v1"}}
+data = {{name = "shapes_retrieval.v1", root = "{tmp_path / 'data'}"}}
+""")
+    spec = load_spec(spec_path)
+    torch.manual_seed(spec.seed)
+    save_adapter(build(spec, "cpu", with_data=False), spec, tmp_path / "run")
+    code = cli.main(["export", str(spec_path), "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "uniadapter.v1 is a bottleneck network with a ReLU" in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+UNIADAPTER = ("--set", 'adapters=[{name = "uniadapter.v1", rank = 8}]')
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    """A run resumed from its step-3 checkpoint (the later ones removed, as after a kill) ends with the adapter of
+    the uninterrupted run, bit for bit."""
+    import json
+    import shutil
+
+    from test_training_faults import _adapter, _args
+    from unitrans import cli
+
+    extra = (*UNIADAPTER, "--set", "train.max_steps=6", "--set", "train.checkpoint_every=3",
+             "--set", "train.keep_last=3")
+    assert cli.main(_args(tmp_path, "full", *extra)) == 0
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "cut" / "checkpoints")
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    for later in [p for p in checkpoints.glob("step_*") if p.name != "step_00000003"]:
+        shutil.rmtree(later)
+    assert (checkpoints / "step_00000003" / "COMPLETE").is_file()
+    (checkpoints / "latest").write_text("step_00000003")
+    assert cli.main([*_args(tmp_path, "cut", *extra), "--resume"]) == 0
+    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logged and min(logged) > 3  # it resumed: steps 1 to 3 were not trained again
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
+    assert full.keys() == resumed.keys() and any(".up.C." in k for k in full)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """As tests/test_training_faults.py checks it for VCRA: same global batches, DDP averaging, ITM off."""
+    from test_training_faults import _adapter, _args, _run_subprocess
+    from unitrans import cli
+
+    extra = (*UNIADAPTER, "--set", "train.max_steps=4", "--set", "task.itm_weight=0", "--set", "task.rerank=itc")
+    assert cli.main(_args(tmp_path, "one", *extra)) == 0
+    _run_subprocess([*_args(tmp_path, "two", *extra), "--nproc-per-node", "2"])
+    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)

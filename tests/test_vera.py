@@ -120,3 +120,22 @@ def test_vera_checkpoint_holds_the_scalings_and_the_pair_comes_back_from_the_see
         a, b = retrieval_forward(saved.backbone, pixel, tok), retrieval_forward(loaded.backbone, pixel, tok)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_vera_exports_to_a_plain_transformers_model(tmp_path):
+    from transformers import BlipForImageTextRetrieval
+
+    d = spec_dict([{"name": "vera.v1", "targets": QKV, "rank": 16}])
+    _, built = build_spec(d)
+    randomise_(built.trainable_parameters(), seed=6, std=0.5)
+    built.export(tmp_path / "exported")
+    plain = BlipForImageTextRetrieval.from_pretrained(str(tmp_path / "exported")).eval()
+    pixel, tok = make_inputs(built.backbone, batch=2)
+    with torch.no_grad():
+        ours = retrieval_forward(built.backbone, pixel, tok)
+        with built.disabled():
+            frozen = retrieval_forward(built.backbone, pixel, tok)
+        itc = plain(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pixel,
+                    use_itm_head=False).itm_score
+    assert (ours["image_feat"] - frozen["image_feat"]).abs().max() > 1e-3
+    torch.testing.assert_close(itc, ours["image_feat"] @ ours["text_feat"].t(), atol=1e-5, rtol=1e-5)
