@@ -44,6 +44,8 @@ def test_a_vit_layer_equals_uniadapters_block_written_out():
     built = _built()
     randomise_(built.trainable_parameters(), seed=1, std=0.3)
     layer = built.backbone.model.vision_model.encoder.layers[1]
+    randomise_([layer.layer_norm2.weight], seed=10, std=0.3, mean=1.0)  # a trained norm2, as BLIP's: the adapter
+    randomise_([layer.layer_norm2.bias], seed=11, std=0.3)  # must read its input, not its output
     module = built.adapters[0].layer["1"]
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
