@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CAPTIONS, build_spec, make_inputs, randomise_, retrieval_forward, spec_dict, tiny_backbone
+from conftest import (CAPTIONS, adapted_and_frozen, build_spec, make_inputs, randomise_, retrieval_forward,
+                      spec_dict, tiny_backbone)
 from unitrans.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,10 +110,7 @@ def test_the_decoders_layers_take_the_query_residual_and_the_cross_modal_branch(
 def test_init_zero_is_the_identity_and_init_uniadapter_is_its_scripts():
     zero = _built(init="zero")
     pixel, tok = make_inputs(zero.backbone, batch=2)
-    with torch.no_grad():
-        adapted = retrieval_forward(zero.backbone, pixel, tok)
-        with zero.disabled():
-            frozen = retrieval_forward(zero.backbone, pixel, tok)
+    adapted, frozen = adapted_and_frozen(zero, pixel, tok)
     for k in frozen:
         assert torch.equal(adapted[k], frozen[k]), k
     torch.manual_seed(0)
@@ -124,10 +122,7 @@ def test_init_zero_is_the_identity_and_init_uniadapter_is_its_scripts():
     for branch in ("V", "C"):
         assert abs(module.up[branch].weight.std().item() - 0.02) < 0.002, branch
         assert torch.count_nonzero(module.up[branch].bias) == 0
-    with torch.no_grad():  # the text-only pass uses the zero text up-projection: unchanged; the others are not
-        adapted = retrieval_forward(published.backbone, pixel, tok)
-        with published.disabled():
-            frozen = retrieval_forward(published.backbone, pixel, tok)
+    adapted, frozen = adapted_and_frozen(published, pixel, tok)  # the text-only pass: the zero text up-projection
     assert torch.equal(adapted["text_feat"], frozen["text_feat"])
     assert (adapted["image_feat"] - frozen["image_feat"]).abs().max() > 1e-4
     assert (adapted["fused"] - frozen["fused"]).abs().max() > 1e-2

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from conftest import build_spec, make_inputs, randomise_, retrieval_forward, spec_dict, tiny_backbone
+from conftest import (adapted_and_frozen, build_spec, make_inputs, randomise_, retrieval_forward, spec_dict,
+                      tiny_backbone)
 from unitrans.adapters import vera_v1
 from unitrans.interfaces import match_points
 
@@ -66,10 +67,7 @@ def test_vera_is_the_identity_at_init_and_counts_r_plus_d_out_per_point():
     d = spec_dict([{"name": "vera.v1", "targets": QKV, "rank": 16}])
     _, built = build_spec(d)
     pixel, tok = make_inputs(built.backbone, batch=2)
-    with torch.no_grad():
-        adapted = retrieval_forward(built.backbone, pixel, tok)
-        with built.disabled():
-            frozen = retrieval_forward(built.backbone, pixel, tok)
+    adapted, frozen = adapted_and_frozen(built, pixel, tok)
     for k in frozen:
         assert torch.equal(frozen[k], adapted[k]), k
     counts = built.parameter_counts()

@@ -344,11 +344,18 @@ class Adapter(ABC):
     def delta_weight(self, point: InjectionPoint) -> "torch.Tensor":
         """The update of this point as a dense matrix, shape ``(out_features, in_features)`` (for merging)."""
 
-    @abstractmethod
-    def merge(self) -> None: ...
+    def merge(self) -> None:
+        """Fold :meth:`delta_weight` of every point into the frozen weights; the update stops running in forward.
+        An adapter that is not a weight update overrides it to refuse (``UserError``)."""
+        from unitrans import injection
 
-    @abstractmethod
-    def unmerge(self) -> None: ...
+        injection.merge(self, self.points, self.delta_weight)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (the frozen weights come back bit for bit once no adapter stays merged)."""
+        from unitrans import injection
+
+        injection.unmerge(self, self.points, self.delta_weight)
 
     def detach(self) -> None:
         """Stop acting: remove this adapter's updates from the backbone (unmerge first to restore the weights)."""

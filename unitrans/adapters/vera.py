@@ -94,11 +94,5 @@ class VeRA(nn.Module, Adapter):
         b = self.lambda_b[k][:, None] * self.B[: point.out_features]  # (d_out, r)
         return b @ (self.lambda_d[k][:, None] * self.A[:, : point.in_features])  # (d_out, d_in)
 
-    def merge(self) -> None:
-        injection.merge(self, self.points, self.delta_weight)
-
-    def unmerge(self) -> None:
-        injection.unmerge(self, self.points, self.delta_weight)
-
     def modality_of_parameter(self, name: str) -> str:
         return self._modality.get(name.split(".", 1)[-1], "shared")

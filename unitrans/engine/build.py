@@ -46,8 +46,8 @@ def attach_adapters(backbone, adapters: list[tuple[str, Any]]) -> None:
             raise UserError(
                 f"adapters[{i}] ({name}): target(s) {', '.join(repr(u) for u in unmatched)} match no injection point; "
                 f"backbone {backbone.name} declares: {', '.join(backbone.declared_points())}"
-                + (f". {', '.join(repr(u) for u in other)}: point(s) of a kind {name} cannot act on (a sub-block, where "
-                   "a weight update needs a linear, or the reverse)" if other else "")
+                + (f". {', '.join(repr(u) for u in other)}: point(s) of a kind {name} cannot act on (a sub-block, "
+                   "where a weight update needs a linear, or the reverse)" if other else "")
             )
         if not chosen:
             raise UserError(f"adapters[{i}] ({name}): targets {adapter.targets} with layers={adapter.layers} "
