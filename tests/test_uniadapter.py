@@ -107,6 +107,35 @@ def test_the_decoders_layers_take_the_query_residual_and_the_cross_modal_branch(
     _bert_layer_check(layer, adapter.layer["1"], image_tokens, text_pass=False)
 
 
+def test_a_hub_that_skips_points_not_acting_now_gives_the_same_outputs(monkeypatch):
+    """A hub that runs only the entries whose point acts in the current pass (``acts_now()``, as pass-dependent
+    points need) must still run BERT's ``output`` entry in the fused pass, where its first point (``text.ffn``) does
+    not act but ``fusion.ffn`` and ``fusion.query`` do."""
+    from unitrans import injection
+
+    def outputs():
+        built = _built()
+        randomise_(built.trainable_parameters(), seed=12, std=0.3)
+        pixel, tok = make_inputs(built.backbone, batch=2)
+        with torch.no_grad():
+            return retrieval_forward(built.backbone, pixel, tok)
+
+    plain = outputs()
+    hook = injection._LinearHub._hook
+
+    def skipping(self, module, args, output):
+        every = self.entries
+        self.entries = [e for e in every if getattr(e[1], "acts_now", lambda: True)()]
+        try:
+            return hook(self, module, args, output)
+        finally:
+            self.entries = every
+
+    monkeypatch.setattr(injection._LinearHub, "_hook", skipping)
+    for k, v in outputs().items():
+        torch.testing.assert_close(v, plain[k], atol=0, rtol=0, msg=k)
+
+
 def test_init_zero_is_the_identity_and_init_uniadapter_is_its_scripts():
     zero = _built(init="zero")
     pixel, tok = make_inputs(zero.backbone, batch=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -127,8 +128,9 @@ class UniAdapter(nn.Module, Adapter):
         for p in blocks:
             by_module.setdefault(id(p.module), []).append(p)
             self._stops.append(p.start())
-        for group in by_module.values():
-            injection.add_delta(self, group[0], self._block_fn(group, keys))
+        for group in by_module.values():  # one entry per module; it acts when any of its points does
+            entry = dataclasses.replace(group[0], acting=lambda g=group: any(p.acts_now() for p in g))
+            injection.add_delta(self, entry, self._block_fn(group, keys))
         for p in points:
             if not isinstance(p, BlockPoint):  # frame-aware attention on the cross-attention keys
                 injection.add_delta(self, p, self._frame_fn(p))
