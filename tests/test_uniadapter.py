@@ -310,3 +310,23 @@ def test_two_processes_equal_one(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_frame_similarities_are_asked_per_backbone_and_refused_without_itc_projections():
+    """The request lives on the backbone the adapter is attached to: another backbone computes nothing. The VQA model
+    has no ITC projections, so frame-aware attention on it is refused by name, and detaching withdraws the request."""
+    from unitrans.adapters import uniadapter_v1
+    from unitrans.engine.build import attach_adapters
+
+    _built(init="zero", frame_aware_attention=True)  # attached to another backbone, never detached
+    vqa = tiny_backbone(task_model="vqa")
+    video = torch.randn(1, 2, 3, vqa.image_size, vqa.image_size, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        tokens = vqa.encode_image(video)
+        vqa.encode_question(["what colour is the circle"], tokens)
+        adapter = uniadapter_v1(rank=8, init="zero", frame_aware_attention=True)
+        attach_adapters(vqa, [("uniadapter.v1", adapter)])
+        with pytest.raises(UserError, match="ITC projections"):
+            vqa.encode_question(["what colour is the circle"], tokens)
+        adapter.detach()
+        vqa.encode_question(["what colour is the circle"], tokens)

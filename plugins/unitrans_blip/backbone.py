@@ -338,7 +338,8 @@ class BlipBackbone(Backbone, Exportable):
         ids[:, 0] = self.enc_token_id
         if image_atts is None:
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        similarity = self._frame_similarity(input_ids, attention_mask, image_embeds) if requested() else None
+        keys = (layer.crossattention.self.key for layer in self.model.text_encoder.encoder.layer)
+        similarity = self._frame_similarity(input_ids, attention_mask, image_embeds) if requested(keys) else None
         with frame_similarity(similarity):
             out = self.model.text_encoder(input_ids=ids, attention_mask=attention_mask,
                                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)

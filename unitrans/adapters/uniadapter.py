@@ -134,8 +134,7 @@ class UniAdapter(nn.Module, Adapter):
         for p in points:
             if not isinstance(p, BlockPoint):  # frame-aware attention on the cross-attention keys
                 injection.add_delta(self, p, self._frame_fn(p))
-        if len(blocks) < len(points):
-            self._stops.append(fusion_context.request(self))
+                self._stops.append(fusion_context.request(p.module))
         self.points = list(points)
 
     def _record_users(self, blocks: Sequence[BlockPoint], keys: dict[str, str]) -> None:
