@@ -15,6 +15,7 @@ Rows:
   lora          our LoRA r=32 on vision / text / fusion q, k, v (vision slices of the fused qkv)
   vcra          our VCRA r=64 on the same points (one shared A, B; trained)
   vcra+qasn+mcam  the paper's configuration (examples/paper/flickr30k_vcra.toml)
+  uniadapter-r128, uniadapter-r512, vera-r64  the paper's comparison rows (COMPARISON_CONFIGS; Table 7)
   PEFT comparison (text + fusion q, k, v only: PEFT cannot target row slices of the fused vision qkv; the "x
   floor" of these rows is against floor@tf, the floor with a trainable scalar on the text embeddings only):
   floor@tf,
@@ -56,6 +57,15 @@ CONFIGS = {
     "vcra@tf": dict(adapters=[dict(VCRA64, targets=C.TEXT_FUSION_TARGETS)]),
     "vcra-frozenAB@tf": dict(adapters=[dict(VCRA64, targets=C.TEXT_FUSION_TARGETS, train_projections=False)]),
 }
+# The paper's comparison rows: Table 7's UniAdapter r=128 and r=512 (the published adapter on every sub-block point),
+# and VeRA r=64 on the paper's points. One list, added to CONFIGS: `--configs full,uniadapter-r128,uniadapter-r512,
+# vcra+qasn+mcam` gives Table 7's retrieval columns as ratios to full fine-tuning in one run.
+COMPARISON_CONFIGS = {
+    "uniadapter-r128": dict(adapters=[{"name": "uniadapter.v1", "rank": 128}]),
+    "uniadapter-r512": dict(adapters=[{"name": "uniadapter.v1", "rank": 512}]),
+    "vera-r64": dict(adapters=[{"name": "vera.v1", "rank": 64, "targets": C.PAPER_TARGETS}]),
+}
+CONFIGS.update(COMPARISON_CONFIGS)
 
 
 # ---- worker ----------------------------------------------------------------------------------------------------

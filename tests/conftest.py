@@ -103,3 +103,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def adapted_and_frozen(built, pixel, tok) -> tuple[dict, dict]:
+    """:func:`retrieval_forward` with the adapters of ``built`` on, and inside ``built.disabled()``."""
+    with torch.no_grad():
+        adapted = retrieval_forward(built.backbone, pixel, tok)
+        with built.disabled():
+            frozen = retrieval_forward(built.backbone, pixel, tok)
+    return adapted, frozen

@@ -69,6 +69,30 @@ class InjectionPoint:
         return self.name.rsplit(".", 1)[-1]
 
 
+@dataclass(eq=False)
+class BlockPoint(InjectionPoint):
+    """A sub-block of a layer (its feed-forward block, or the query of its cross-attention), for adapters that add a
+    small network beside it instead of updating a weight (bottleneck adapters: UniAdapter).
+
+    The update reads the sub-block's input ``read()`` ``(..., in_features)``, not the hooked module's own input,
+    and is added to the output of ``module`` ``(..., out_features)`` through the same hub as a linear point (a
+    forward hook on ``module`` adds ``fn(x)``; ``fn`` calls ``read()`` and ignores ``x``). ``read()`` gives
+    ``None`` in a call in which the point does not act (a ``fusion.*`` point while BERT runs its text-only pass)
+    and releases the recorded tensor otherwise; ``acting()`` says the same without releasing it. ``start()`` makes
+    the backbone record the inputs (forward pre-hooks) and returns the function that stops it: adapters call it in
+    ``attach`` and the stop function when they detach, so a backbone without a block adapter runs no extra hook.
+    A block point has no weight to merge an update into: adapters on block points refuse ``merge``.
+    """
+
+    read: "Callable[[], torch.Tensor | None] | None" = field(default=None, repr=False)
+    acting: Callable[[], bool] | None = field(default=None, repr=False)
+    start: "Callable[[], Callable[[], None]] | None" = field(default=None, repr=False)
+
+    def acts_now(self) -> bool:
+        """Whether the point's update applies in the call of its module that is running now."""
+        return self.acting is None or self.acting()
+
+
 def match_points(points: Sequence[InjectionPoint], patterns: Sequence[str], layers: Sequence[int] | None = None):
     """Points whose layer-free name matches any glob (``"vision.attn.*"``, ``"*.attn.q"``), in backbone order.
 
@@ -331,11 +355,18 @@ class Adapter(ABC):
     def delta_weight(self, point: InjectionPoint) -> "torch.Tensor":
         """The update of this point as a dense matrix, shape ``(out_features, in_features)`` (for merging)."""
 
-    @abstractmethod
-    def merge(self) -> None: ...
+    def merge(self) -> None:
+        """Fold :meth:`delta_weight` of every point into the frozen weights; the update stops running in forward.
+        An adapter that is not a weight update overrides it to refuse (``UserError``)."""
+        from unitrans import injection
 
-    @abstractmethod
-    def unmerge(self) -> None: ...
+        injection.merge(self, self.points, self.delta_weight)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (the frozen weights come back bit for bit once no adapter stays merged)."""
+        from unitrans import injection
+
+        injection.unmerge(self, self.points, self.delta_weight)
 
     def detach(self) -> None:
         """Stop acting: remove this adapter's updates from the backbone (unmerge first to restore the weights)."""
@@ -350,6 +381,11 @@ class Adapter(ABC):
     def modality_of_parameter(self, name: str) -> str:
         """``V``/``T``/``C``/``D`` or ``shared`` for a parameter name (parameter accounting by modality)."""
         return "shared"
+
+    def accepts(self, point: InjectionPoint) -> bool:
+        """Whether this adapter can act on ``point``; targets are matched among the points it accepts. Default: the
+        linear points (a weight update); :class:`BlockPoint` s are for adapters that add a sub-block (UniAdapter)."""
+        return not isinstance(point, BlockPoint)
 
 
 class SharedProjection(ABC):

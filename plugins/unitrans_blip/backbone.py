@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans.errors import UserError
+from unitrans.fusion_context import frame_similarity, requested
 from unitrans.interfaces import (
     CONTRACT,
     Backbone,
+    BlockPoint,
     DualEncoder,
     EncoderDecoder,
     Exportable,
@@ -130,7 +132,10 @@ class BlipBackbone(Backbone, Exportable):
       in the fused pass only (the text encoder run over the image tokens is the fusion network): mode ``"fused"``.
       An adapter that targets both gives each pass its own update;
     * ``decoder.attn.*``, ``decoder.fusion.*``, ``decoder.mlp.*`` [D]: the same under ``text_decoder.bert``;
-    * ``fusion.blocks``: the text encoder's layers, run in multimodal mode (for side networks).
+    * ``fusion.blocks``: the text encoder's layers, run in multimodal mode (for side networks);
+    * sub-block points (:class:`~unitrans.interfaces.BlockPoint`, for bottleneck adapters): ``vision.ffn`` [V],
+      ``text.ffn`` [T] (text-only pass), ``fusion.ffn`` and ``fusion.query`` [C] (fused pass), ``decoder.ffn``
+      and ``decoder.query`` [D]: :mod:`unitrans_blip.blocks` says what each reads and where it adds.
     """
 
     name = "blip.v1"
@@ -237,7 +242,8 @@ class BlipBackbone(Backbone, Exportable):
             ) from None
 
     def declared_points(self) -> list[str]:
-        names = sorted({p.name.rsplit(".", 1)[0] + ".*" for p in self.injection_points()})
+        names = sorted({p.name if isinstance(p, BlockPoint) else p.name.rsplit(".", 1)[0] + ".*"
+                        for p in self.injection_points()})
         return names + ["fusion.blocks"]
 
     def injection_points(self) -> list[InjectionPoint]:
@@ -260,8 +266,21 @@ class BlipBackbone(Backbone, Exportable):
                 pts += _fused_pass_points(layers, self._probes[-1])
             if hasattr(self.model, "text_decoder"):
                 pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
-            self._points = pts
+            self._points = pts + self._block_points()
         return self._points
+
+    def _block_points(self) -> list[BlockPoint]:
+        """Sub-block points (``vision.ffn``, ``text.ffn``, ``fusion.ffn``, ``fusion.query``, ``decoder.ffn``,
+        ``decoder.query``) for bottleneck adapters: :mod:`unitrans_blip.blocks`."""
+        from unitrans_blip.blocks import bert_blocks, vision_blocks
+
+        pts = vision_blocks(self.model.vision_model.encoder.layers)
+        if hasattr(self.model, "text_encoder"):
+            pts += bert_blocks(self.model.text_encoder.encoder.layer, "text", "fusion", "T", "C")
+        if hasattr(self.model, "text_decoder"):
+            pts += bert_blocks(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder", "D", "D",
+                               text_pass=False)
+        return pts
 
     def fusion_blocks(self) -> list[nn.Module]:
         return list(self.model.text_encoder.encoder.layer)
@@ -334,9 +353,33 @@ class BlipBackbone(Backbone, Exportable):
         ids[:, 0] = self.enc_token_id
         if image_atts is None:
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.model.text_encoder(input_ids=ids, attention_mask=attention_mask,
-                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
+        keys = (layer.crossattention.self.key for layer in self.model.text_encoder.encoder.layer)
+        similarity = self._frame_similarity(input_ids, attention_mask, image_embeds) if requested(keys) else None
+        with frame_similarity(similarity):
+            out = self.model.text_encoder(input_ids=ids, attention_mask=attention_mask,
+                                          encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def _frame_similarity(self, input_ids, attention_mask, image_embeds) -> torch.Tensor | None:
+        """Cosine of the ITC features of each row's text and of each frame of its video, ``(B, T)``, for
+        frame-aware attention (:mod:`unitrans.fusion_context`); ``None`` for images.
+
+        The tokens of a video are T frames of N tokens with frame 0's [CLS] replaced by the mean of the frames'
+        [CLS] (:meth:`encode_image`); frame 0's own [CLS] is recovered as ``T * mean - sum of the others``.
+        """
+        n = (self.image_size // self.model.config.vision_config.patch_size) ** 2 + 1
+        b, length, width = image_embeds.shape
+        if length <= n:
+            return None
+        if length % n or not hasattr(self.model, "vision_proj") or not hasattr(self.model, "text_proj"):
+            raise UserError(f"backbone blip.v1: frame-aware attention needs video tokens of {n} per frame (got "
+                            f"{length}) and the ITC projections of the retrieval model (task_model = 'retrieval')")
+        cls = image_embeds.reshape(b, length // n, n, width)[:, :, 0].clone()  # (B, T, Dv)
+        cls[:, 0] = cls.shape[1] * cls[:, 0] - cls[:, 1:].sum(dim=1)
+        frame_feat = F.normalize(self.model.vision_proj(cls), dim=-1)  # (B, T, P)
+        text_feat = self.text_feat(self.encode_text(input_ids, attention_mask))  # (B, P)
+        return torch.einsum("bp,btp->bt", text_feat, frame_feat)
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """``(B, L, Dt)`` -> no-match / match logits ``(B, 2)``."""

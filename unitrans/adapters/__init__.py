@@ -74,3 +74,69 @@ def vcra_v1(options: VCRAOptions):
     from unitrans.adapters.vcra import VCRA
 
     return VCRA(options)
+
+
+class VeRAOptions(Options):
+    """VeRA (Kopiczko et al. 2024) as PEFT defines it: ``h = W0 x + diag(λb) B diag(λd) A x`` with one frozen random
+    pair ``A (r, d_in_max)``, ``B (d_out_max, r)`` for every point (sliced to each point's width) and trainable
+    ``λd ∈ R^r``, ``λb ∈ R^{d_out}`` per point."""
+
+    targets: list[str] = DEFAULT_TARGETS
+    """globs over the backbone's injection points."""
+    rank: PositiveInt = 256
+    """r, the rows of A (PEFT's default: 256)."""
+    projection_seed: int = 0
+    """seed of the CPU generator that draws A, then B (PEFT's ``projection_prng_key``); never saved: regenerated."""
+    d_initial: float = 0.1
+    """initial λd (PEFT's ``d_initial``; λb starts at 0, so the model equals the frozen backbone at init)."""
+    dropout: Probability = 0.0
+    """dropout on the adapter's input (PEFT's ``vera_dropout``)."""
+    layers: list[int] | None = None
+    """restrict to these layer indices (``None``: all layers)."""
+
+
+class UniAdapterOptions(Options):
+    """UniAdapter (Lu et al. 2023): a bottleneck adapter per layer index, its down-projection shared by the vision, text
+    and cross-modal branches, one up-projection per branch, the query residual in the fused pass, and optional
+    parameter-free frame-aware attention for video. Acts on sub-block points (``*.ffn``, ``*.query``); it has a
+    ReLU, so it cannot be merged into weights or exported."""
+
+    targets: list[str] = ["*.ffn", "*.query"]
+    """globs over the backbone's sub-block points: ``vision.ffn``, ``text.ffn``, ``fusion.ffn``, ``fusion.query``
+    (the query residual), ``decoder.ffn``, ``decoder.query``."""
+    rank: PositiveInt = 128
+    """the bottleneck width r (UniAdapter's ``adapter_dim``; the paper's rows: 128 and 512)."""
+    scale: float = 0.1
+    """the fixed factor on the adapter's output (UniAdapter's ``adapter_scalar``)."""
+    layer_norm: Literal["in", "out", "none"] = "in"
+    """a trainable LayerNorm on the adapter's input (UniAdapter's default ``"in"``), on its output, or none."""
+    init: Literal["uniadapter", "zero"] = "uniadapter"
+    """``"uniadapter"``: as its retrieval script leaves it (down Kaiming-uniform, text up-projection zero, vision and
+    cross-modal up-projections N(0, 0.02²), biases 0; *not* the identity at init); ``"zero"``: every
+    up-projection zero (the model equals the frozen backbone at init)."""
+    dropout: Probability = 0.0
+    """dropout after the ReLU."""
+    frame_aware_attention: bool = False
+    """for video: scale the cross-attention keys of frame t's patch tokens by ``T · softmax_t(sim(text, frame_t) /
+    frame_temperature)`` (no gradient through the weights); acts on ``fusion.attn.k`` and needs the retrieval
+    model's ITC projections."""
+    frame_temperature: PositiveFloat = 4.0
+    """the divisor of the text-frame cosine similarities in frame-aware attention (UniAdapter: 4)."""
+    layers: list[int] | None = None
+    """restrict to these layer indices (``None``: all layers)."""
+
+
+@registry.adapters.register("vera.v1")
+@builds(VeRAOptions)
+def vera_v1(options: VeRAOptions):
+    from unitrans.adapters.vera import VeRA
+
+    return VeRA(options)
+
+
+@registry.adapters.register("uniadapter.v1")
+@builds(UniAdapterOptions)
+def uniadapter_v1(options: UniAdapterOptions):
+    from unitrans.adapters.uniadapter import UniAdapter
+
+    return UniAdapter(options)

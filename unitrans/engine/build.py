@@ -39,11 +39,15 @@ def attach_adapters(backbone, adapters: list[tuple[str, Any]]) -> None:
     """
     points = backbone.injection_points()
     for i, (name, adapter) in enumerate(adapters):
-        chosen, unmatched = match_points(points, adapter.targets, adapter.layers)
+        usable = [p for p in points if adapter.accepts(p)]
+        chosen, unmatched = match_points(usable, adapter.targets, adapter.layers)
         if unmatched:
+            other = [u for u in unmatched if not match_points(points, [u])[1]]
             raise UserError(
                 f"adapters[{i}] ({name}): target(s) {', '.join(repr(u) for u in unmatched)} match no injection point; "
                 f"backbone {backbone.name} declares: {', '.join(backbone.declared_points())}"
+                + (f". {', '.join(repr(u) for u in other)}: point(s) of a kind {name} cannot act on (a sub-block, "
+                   "where a weight update needs a linear, or the reverse)" if other else "")
             )
         if not chosen:
             raise UserError(f"adapters[{i}] ({name}): targets {adapter.targets} with layers={adapter.layers} "
