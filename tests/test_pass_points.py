@@ -175,3 +175,19 @@ def test_gradient_checkpointing_recomputes_each_pass_with_its_own_points():
     assert grads[True].keys() == grads[False].keys()
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_pass_probe_hooks_exist_only_while_a_pass_dependent_point_is_used():
+    """The layers' pre-hooks that record the pass are installed with the first update on a ``fusion.self.*`` point
+    and removed with the last one: a backbone nothing pass-dependent is attached to runs no extra hook."""
+    bb = tiny_backbone()
+    layers = list(bb.model.text_encoder.encoder.layer)
+    hooked = lambda: sum(len(layer._forward_pre_hooks) for layer in layers)  # noqa: E731
+    bb.injection_points()
+    assert hooked() == 0
+    first, second = _attach(bb, FUSED), _attach(bb, FUSED + TEXT)
+    assert hooked() == len(layers)  # one probe hook per layer, however many points and adapters use it
+    first.detach()
+    assert hooked() == len(layers)
+    second.detach()
+    assert hooked() == 0

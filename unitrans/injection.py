@@ -29,6 +29,7 @@ class _LinearHub:
         self.handle = None
         self.saved_weight: torch.Tensor | None = None  # W0, kept while merged for a bit-exact unmerge
         self.merged_owners: set[int] = set()
+        self.stops: dict[int, list[Callable[[], None]]] = {}  # owner id -> stop functions of started points
 
     def _hook(self, module, args, output):
         x = args[0]
@@ -81,16 +82,21 @@ def _hub(module: nn.Linear) -> _LinearHub:
 
 
 def add_delta(owner: object, point: InjectionPoint, fn: Delta) -> None:
-    """Make ``point``'s linear add ``fn(x)`` to the point's output rows."""
+    """Make ``point``'s linear add ``fn(x)`` to the point's output rows (and start what the point records)."""
     hub = _hub(point.module)
     hub.entries.append((owner, point, fn))
+    if point.start is not None:
+        hub.stops.setdefault(id(owner), []).append(point.start())
     hub.install()
 
 
 def remove_deltas(owner: object, points: list[InjectionPoint]) -> None:
+    """Remove every update ``owner`` added on the modules of ``points`` (and stop what they recorded)."""
     for module in {id(p.module): p.module for p in points}.values():
         hub = _hub(module)
         hub.entries = [e for e in hub.entries if e[0] is not owner]
+        for stop in hub.stops.pop(id(owner), []):
+            stop()
         if not hub.entries:
             hub.remove()
 

@@ -39,6 +39,10 @@ class InjectionPoint:
             on the same linears as mode-free ones (BLIP's ``fusion.self.*`` on ``text.attn.*``'s linears).
         current_pass: the backbone's probe that names the pass its encoder is in (``"fused"`` or ``"text"``);
             set together with ``mode``.
+        start: for a point that needs the backbone to record something while it is in use (the pass a layer runs
+            in, a sub-block's input): starts the recording (forward pre-hooks) and returns the function that stops
+            it. The hook hub calls it when an update is added and the stop function when the update is removed, so
+            a backbone runs no extra hook while nothing uses such a point.
     """
 
     name: str
@@ -52,6 +56,7 @@ class InjectionPoint:
     attention: str | None = None
     mode: str | None = None
     current_pass: Callable[[], str] | None = field(default=None, repr=False)
+    start: "Callable[[], Callable[[], None]] | None" = field(default=None, repr=False)
 
     def acts_now(self) -> bool:
         """Whether the point's update applies in the call of its linear that is running now."""
@@ -86,7 +91,6 @@ class BlockPoint(InjectionPoint):
 
     read: "Callable[[], torch.Tensor | None] | None" = field(default=None, repr=False)
     acting: Callable[[], bool] | None = field(default=None, repr=False)
-    start: "Callable[[], Callable[[], None]] | None" = field(default=None, repr=False)
 
     def acts_now(self) -> bool:
         """Whether the point's update applies in the call of its module that is running now."""

@@ -210,7 +210,7 @@ class BlipBackbone(Backbone, Exportable):
         for part in train_parts:
             self._submodule(part).requires_grad_(True)
         self.recomputes_activations = bool(gradient_checkpointing)
-        self._probes: list[_PassProbe] = []
+        self._probes: list = []  # one pass probe per BERT stack (unitrans_blip.blocks.PassProbe)
         if gradient_checkpointing:
             # the recomputation in backward runs each layer's forward without its hooks: it replays the pass
             # the layer ran in (fusion.self.* points act in the fused pass only)
@@ -262,8 +262,7 @@ class BlipBackbone(Backbone, Exportable):
             if hasattr(self.model, "text_encoder"):
                 layers = self.model.text_encoder.encoder.layer
                 pts += _bert_points(layers, "text", "fusion", "T", "C")
-                self._probes.append(_PassProbe(layers))
-                pts += _fused_pass_points(layers, self._probes[-1])
+                pts += _fused_pass_points(layers, self._probe(layers))
             if hasattr(self.model, "text_decoder"):
                 pts += _bert_points(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder.fusion", "D", "D")
             self._points = pts + self._block_points()
@@ -276,11 +275,23 @@ class BlipBackbone(Backbone, Exportable):
 
         pts = vision_blocks(self.model.vision_model.encoder.layers)
         if hasattr(self.model, "text_encoder"):
-            pts += bert_blocks(self.model.text_encoder.encoder.layer, "text", "fusion", "T", "C")
+            layers = self.model.text_encoder.encoder.layer
+            pts += bert_blocks(layers, self._probe(layers), "text", "fusion", "T", "C")
         if hasattr(self.model, "text_decoder"):
-            pts += bert_blocks(self.model.text_decoder.bert.encoder.layer, "decoder", "decoder", "D", "D",
-                               text_pass=False)
+            layers = self.model.text_decoder.bert.encoder.layer
+            pts += bert_blocks(layers, self._probe(layers), "decoder", "decoder", "D", "D", text_pass=False)
         return pts
+
+    def _probe(self, layers):
+        """The pass probe of one BERT stack (one per stack, shared by every point that asks the pass; the
+        checkpoint replay covers every probe made here)."""
+        from unitrans_blip.blocks import PassProbe
+
+        for probe in self._probes:
+            if probe.modules == list(layers):
+                return probe
+        self._probes.append(PassProbe(layers))
+        return self._probes[-1]
 
     def fusion_blocks(self) -> list[nn.Module]:
         return list(self.model.text_encoder.encoder.layer)
@@ -486,25 +497,7 @@ def _bert_points(layers, prefix: str, cross_prefix: str, modality: str, cross_mo
     return pts
 
 
-class _PassProbe:
-    """Which pass the text encoder is in: each layer's forward pre-hook records whether it runs with image tokens
-    (``"fused"``) or without (``"text"``) before any of its linears run. Gradient checkpointing recomputes a layer's
-    forward without its hooks; :func:`_replay_passes` then restores the pass recorded when the layer first ran."""
-
-    def __init__(self, layers):
-        self.current = "text"
-        for layer in layers:
-            layer.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module, args, kwargs):
-        image_tokens = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        self.current = "text" if image_tokens is None else "fused"
-
-    def __call__(self) -> str:
-        return self.current
-
-
-def _replay_passes(probes: list[_PassProbe]):
+def _replay_passes(probes: list):
     """``torch.utils.checkpoint``'s ``context_fn``, called as a checkpointed layer first runs: nothing around that
     run, and around its recomputation in backward the passes the probes recorded then."""
     from contextlib import contextmanager, nullcontext
@@ -525,7 +518,7 @@ def _replay_passes(probes: list[_PassProbe]):
     return nullcontext(), replay()
 
 
-def _fused_pass_points(layers, probe: _PassProbe) -> list[InjectionPoint]:
+def _fused_pass_points(layers, probe) -> list[InjectionPoint]:
     """``fusion.self.{q,k,v,out}`` and ``fusion.mlp.{fc1,fc2}``: the text encoder's self-attention and MLP linears
     as points of the fusion network (modality C), acting only in the fused pass."""
     pts = []
@@ -539,7 +532,7 @@ def _fused_pass_points(layers, probe: _PassProbe) -> list[InjectionPoint]:
                  ("fusion.mlp.fc2", layer.output.dense, f"fusion.{i}.mlp_hidden", None)]
         for name, lin, group, attention in named:
             pts.append(InjectionPoint(name, i, "C", lin, None, lin.in_features, lin.out_features, group, attention,
-                                      mode="fused", current_pass=probe))
+                                      mode="fused", current_pass=probe, start=probe.start))
     return pts
 
 

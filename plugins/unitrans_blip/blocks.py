@@ -16,8 +16,8 @@ Where UniAdapter (Lu et al. 2023; its BLIP code, ``models/vit.py`` ``Block.forwa
   input, ``fusion.ffn`` at ``output``'s second argument, both added to ``output``'s output.
 
 A point's input is recorded by a forward pre-hook that exists only while an adapter uses the point (``start()``),
-and released when the adapter reads it. Which pass a BERT layer is in is recorded by pre-hooks on its self- and
-cross-attention (:class:`PassProbe`).
+and released when the adapter reads it. Which pass a BERT stack is in is recorded by pre-hooks on its layers
+(:class:`PassProbe`, shared with the pass-dependent linear points ``fusion.self.*``).
 """
 
 from __future__ import annotations
@@ -57,20 +57,23 @@ class _Started:
 
 
 class PassProbe(_Started):
-    """Which pass a BERT stack is in, per layer call: ``"text"`` from the moment the layer's self-attention starts,
-    ``"fused"`` once its cross-attention starts (it runs only with image tokens), read by the layer's ``output``
-    after both. The pre-hooks sit on sub-modules inside the layer's ``forward``, so they fire again when gradient
-    checkpointing recomputes the layer (transformers checkpoints a layer's ``forward``, not its ``__call__``: hooks
-    on the layer itself do not fire in the recomputation)."""
+    """Which pass a BERT stack is in: ``"fused"`` while a layer runs with image tokens (as the fusion network),
+    ``"text"`` while it runs without. A forward pre-hook on each layer records it before any of the layer's linears
+    run (it sees the layer's ``encoder_hidden_states``); the hooks exist only while a point that asks the pass is in
+    use (reference-counted ``start()``). Gradient checkpointing recomputes a layer's ``forward`` without the layer's
+    own hooks: the backbone's checkpoint ``context_fn`` then replays the pass recorded when the layer first ran
+    (``unitrans_blip.backbone._replay_passes``)."""
 
     def __init__(self, layers):
-        modules = [m for layer in layers for m in (layer.attention, getattr(layer, "crossattention", None)) if m]
-        super().__init__(modules, self._record)
-        self.cross = {id(getattr(layer, "crossattention", None)) for layer in layers}
+        super().__init__(list(layers), self._record, with_kwargs=True)
         self.current = "text"
 
-    def _record(self, module, args):
-        self.current = "fused" if id(module) in self.cross else "text"
+    def _record(self, module, args, kwargs):
+        image_tokens = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        self.current = "text" if image_tokens is None else "fused"
+
+    def __call__(self) -> str:
+        return self.current
 
 
 class InputRecorder(_Started):
@@ -121,12 +124,11 @@ def vision_blocks(layers) -> list[BlockPoint]:
     return pts
 
 
-def bert_blocks(layers, prefix: str, cross_prefix: str, modality: str, cross_modality: str,
+def bert_blocks(layers, probe: PassProbe, prefix: str, cross_prefix: str, modality: str, cross_modality: str,
                 text_pass: bool = True) -> list[BlockPoint]:
     """Per BERT layer: ``{prefix}.ffn`` (text-only pass; with ``text_pass``), and, where the layer has
     cross-attention, ``{cross_prefix}.ffn`` and ``{cross_prefix}.query`` (fused pass). All add to the layer
-    output (``output``'s output, after its LayerNorm, where UniAdapter adds)."""
-    probe = PassProbe(layers)
+    output (``output``'s output, after its LayerNorm, where UniAdapter adds). ``probe``: the stack's pass probe."""
     pts = []
     for i, layer in enumerate(layers):
         d = layer.output.LayerNorm.normalized_shape[0]

@@ -35,7 +35,7 @@ def split_passes(points: Sequence[InjectionPoint]) -> list[InjectionPoint]:
     for p in points:
         twin = moded.get(_rows(p)) if p.mode is None else None
         if twin is not None:
-            p = dataclasses.replace(p, mode=_OTHER[twin.mode], current_pass=twin.current_pass)
+            p = dataclasses.replace(p, mode=_OTHER[twin.mode], current_pass=twin.current_pass, start=twin.start)
         out.append(p)
     return out
 
