@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unitrans.alignment_losses.itc import pair_similarity
 from unitrans.interfaces import DualEncoder, FusionEncoder, ItmHead, Task, check_capabilities
 
 
@@ -37,7 +38,7 @@ class Retrieval(Task):
         tok = backbone.tokenize(batch["caption"], device)
         image_ids = batch["image_id"].to(device)
         image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
-        image_feat = backbone.image_feat(image_embeds)  # (B, P)
+        image_feat = backbone.image_feat(image_embeds)  # (B, P), or (B, Q, P) multi-query
         text_feat = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
         losses = dict(alignment(image_feat, text_feat, image_ids)) if alignment is not None else {}
         if self.itm_weight > 0:
@@ -48,7 +49,7 @@ class Retrieval(Task):
     def _itm_loss(self, backbone, tok, image_ids, image_embeds, image_feat, text_feat):
         b = image_embeds.shape[0]
         with torch.no_grad():
-            sim = image_feat @ text_feat.t() / self.hn_temp  # (B, B) local batch
+            sim = pair_similarity(image_feat, text_feat) / self.hn_temp  # (B, B) local batch
             pos = image_ids[:, None] == image_ids[None, :]
             hard = self.negatives == "hard"
             neg_text = sample_negatives(sim, pos, hard)  # a text for each image
@@ -99,8 +100,8 @@ class Retrieval(Task):
             emb = backbone.encode_image(batch["image"].to(device))
             image_feats.append(backbone.image_feat(emb).float().cpu())
             image_embeds.append(emb.cpu() if self.rerank != "itc" else None)
-        image_feat = torch.cat(image_feats)  # (I, P)
-        sims = image_feat @ text_feat.t()  # (I, T)
+        image_feat = torch.cat(image_feats)  # (I, P) or (I, Q, P)
+        sims = pair_similarity(image_feat, text_feat)  # (I, T)
 
         if self.rerank == "itc":
             s_i2t, s_t2i = sims, sims.t()
