@@ -11,7 +11,9 @@ _MODALITY_NAMES = {"V": "vision", "T": "text", "C": "fusion", "D": "decoder", "s
                    "backbone": "backbone parts"}
 
 
-def params_command(spec, as_json: bool = False) -> int:
+def params_command(spec, as_json: bool = False, memory: bool = False) -> int:
+    """Print the parameter counts of ``spec`` (built on the meta device: shapes only, no weights); with
+    ``memory``, also the estimated peak memory per device of a training step (:mod:`unitrans.engine.memory`)."""
     import torch
 
     from unitrans import registry
@@ -24,8 +26,12 @@ def params_command(spec, as_json: bool = False) -> int:
 
         backbone = ComponentSpec(name=spec.backbone.name, **{**spec.backbone.kwargs, "random_init": True})
         spec = spec.model_copy(update={"backbone": backbone})
-    built = build(spec, "cpu", with_data=False)
+    built = build(spec, "meta", with_data=False)
     counts = count_parameters(built)
+    if memory:
+        from unitrans.engine.memory import estimate_memory
+
+        counts["memory"] = estimate_memory(built, spec)
     if as_json:
         print(json.dumps(counts, indent=2))
         return 0
@@ -38,4 +44,8 @@ def params_command(spec, as_json: bool = False) -> int:
     if counts["by_modality"]:
         print("trainable by modality: " + ", ".join(
             f"{_MODALITY_NAMES.get(k, k)} {v:,}" for k, v in sorted(counts["by_modality"].items())))
+    if memory:
+        from unitrans.engine.memory import memory_report
+
+        print(memory_report(counts["memory"]))
     return 0
