@@ -185,7 +185,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
     spec = _load(args)
     from unitrans.engine.params import params_command
 
-    return int(params_command(spec, as_json=args.json, memory=args.memory) or 0)
+    extra = {"memory": True} if args.memory else {}
+    return int(params_command(spec, as_json=args.json, **extra) or 0)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
