@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from conftest import build_spec
 from unitrans.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -52,13 +53,8 @@ def spec(adapters=(), task_model: str = "retrieval", side_network=None, preset: 
 
 
 def build(d: dict, seed: int = 0):
-    from unitrans.engine.build import build as build_spec
-    from unitrans.spec import validate_dict
-
-    torch.manual_seed(seed)
-    built = build_spec(validate_dict(d), "cpu", with_data=False)
-    built.backbone.model.eval()
-    return built
+    """The spec's components on the CPU, backbone in eval mode (conftest's ``build_spec``, the handle only)."""
+    return build_spec(d, seed)[1]
 
 
 def perturb(module: torch.nn.Module, seed: int = 5) -> None:
@@ -143,6 +139,23 @@ def test_generate_equals_transformers_blip2_generate():
     assert got.shape[1] > prefix.shape[1]
 
 
+def test_questions_of_different_lengths_give_their_own_logits():
+    """OPT's positions are learned and absolute: a batch of left-padded questions must count positions over valid
+    tokens only, so each question's answer logits equal those it gets alone."""
+    bb = tiny("vqa")
+    questions = ["what colour is the circle on the left?", "how many?"]
+    ids, mask = bb.decoder_tokenize(["red", "two"], "cpu")
+    with torch.no_grad():
+        ctx = bb.encode_image(pixels(bb, 2))
+        states, q_mask = bb.encode_question(questions, ctx)
+        assert q_mask[1, 0] == 0 and q_mask[:, -1].all()  # left padding
+        batch = bb.decode_logits(ids, mask, states, q_mask)
+        for i, question in enumerate(questions):
+            alone = bb.decode_logits(ids[i:i + 1], mask[i:i + 1], *bb.encode_question([question], ctx[i:i + 1]))
+            valid = mask[i:i + 1].bool()
+            torch.testing.assert_close(batch[i:i + 1][valid], alone[valid], atol=1e-5, rtol=1e-4)
+
+
 # ---- the Q-Former's two streams -------------------------------------------------------------------------------
 def test_state_dict_keys_are_transformers_and_streams_are_views():
     bb = tiny()
@@ -185,8 +198,6 @@ def test_stream_points_act_on_their_tokens_only():
 
 
 def test_merge_refuses_stream_points_and_merges_the_rest():
-    from unitrans.tasks.decoding import full_mask
-
     built = build(spec([{"name": "vcra.v1", "targets": ["fusion.self.[qkv]"], "rank": 4}]))
     weight = built.backbone.model.qformer.encoder.layer[0].attention.attention.query.weight.clone()
     with pytest.raises(UserError, match=r"cannot merge the update of point fusion\.0\.self\.q: .*one weight"):
@@ -196,18 +207,24 @@ def test_merge_refuses_stream_points_and_merges_the_rest():
     built = build(spec([{"name": "vcra.v1", "targets": ["vision.*", "fusion.*", "projector.*", "decoder.*"],
                          "rank": 4}], task_model="captioning"))
     perturb(built.trainable)
+    assert_merge_exact(built, pixels(built.backbone, 2), CAPTIONS[:2])
+
+
+def assert_merge_exact(built, px: torch.Tensor, texts) -> None:
+    """Merged adapters give the hooked decoder logits; unmerging restores every frozen tensor bit for bit."""
+    from unitrans.tasks.decoding import full_mask
+
     bb = built.backbone
     frozen = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    px = pixels(bb, 2)
-    ids, mask = bb.decoder_tokenize(CAPTIONS[:2], "cpu")
+    ids, mask = bb.decoder_tokenize(texts, "cpu")
+    logits = []
     with torch.no_grad():
-        ctx = bb.encode_image(px)
-        hooked = bb.decode_logits(ids, mask, ctx, full_mask(ctx))
-        built.merge()
-        ctx_m = bb.encode_image(px)
-        merged = bb.decode_logits(ids, mask, ctx_m, full_mask(ctx_m))
+        for step in (lambda: None, built.merge):
+            step()
+            ctx = bb.encode_image(px)
+            logits.append(bb.decode_logits(ids, mask, ctx, full_mask(ctx)))
         built.unmerge()
-    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert all(torch.equal(v, frozen[k]) for k, v in bb.model.state_dict().items())
 
 

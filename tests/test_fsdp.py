@@ -34,14 +34,22 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def _built():
+def _built(checkpointing: bool = False):
     """A tiny BLIP-2 with VCRA and QASN, trainable tensors moved off their init (the same on every call)."""
     from test_blip2 import build, perturb, spec
 
-    built = build(spec([{"name": "vcra.v1", "targets": ["vision.attn.*", "fusion.*", "text.attn.*"], "rank": 4}],
-                       side_network={"name": "qasn.v1"}))
+    d = spec([{"name": "vcra.v1", "targets": ["vision.attn.*", "fusion.*", "text.attn.*"], "rank": 4}],
+             side_network={"name": "qasn.v1"})
+    d["backbone"]["gradient_checkpointing"] = checkpointing
+    built = build(d)
     perturb(built.trainable)
     return built
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.randn(4, 3, 64, 64, generator=g), "caption": ["a red circle", "two blue squares",
+            "a green star left of a circle", "a yellow triangle"], "image_id": torch.arange(4)}
 
 
 def _step(module, built, batch):
@@ -52,20 +60,21 @@ def _step(module, built, batch):
     return loss.detach(), {k: p.grad.clone() for k, p in built.trainable.named_parameters()}
 
 
-def test_sharded_step_equals_the_plain_step(one_rank_group):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sharded_step_equals_the_plain_step(one_rank_group, checkpointing):
     from torch.distributed.tensor import DTensor
 
     from unitrans.engine.run import _StepModule
     from unitrans.engine.strategy import ShardedStep, shard_units
 
-    built, plain_built = _built(), _built()
+    built, plain_built = _built(checkpointing), _built()
+    built.backbone.model.train()  # checkpointing recomputes in training mode only
+    plain_built.backbone.model.train()
     units = shard_units(built.backbone.model)
     # every ViT layer and every Q-Former layer, nothing else (embeddings, heads, query tokens stay whole)
     cfg = built.backbone.model.config
     assert len(units) == cfg.vision_config.num_hidden_layers + cfg.qformer_config.num_hidden_layers
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(4, 3, 64, 64, generator=g), "caption": ["a red circle", "two blue squares",
-             "a green star left of a circle", "a yellow triangle"], "image_id": torch.arange(4)}
+    batch = _batch()
     loss0, grads0 = _step(_StepModule(plain_built), plain_built, batch)
     sharded = ShardedStep(_StepModule(built), torch.device("cpu"))
     assert sharded.units == len(units)
@@ -76,6 +85,23 @@ def test_sharded_step_equals_the_plain_step(one_rank_group):
     assert grads1.keys() == grads0.keys()
     for k in grads0:
         torch.testing.assert_close(grads1[k], grads0[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_sharded_step_in_bf16_follows_the_fp32_step(one_rank_group):
+    """Mixed precision: the blocks compute in bf16 (FSDP's policy), the adapters' gradients stay float32 and point
+    where the float32 step's do (cosine > 0.95; bf16 keeps 8 bits of mantissa)."""
+    from unitrans.engine.run import _StepModule
+    from unitrans.engine.strategy import ShardedStep
+
+    built, plain_built = _built(), _built()
+    batch = _batch()
+    loss0, grads0 = _step(_StepModule(plain_built), plain_built, batch)
+    loss1, grads1 = _step(ShardedStep(_StepModule(built), torch.device("cpu"), "bf16"), built, batch)
+    assert all(g.dtype == torch.float32 for g in grads1.values())
+    torch.testing.assert_close(loss1, loss0, atol=0, rtol=2e-2)
+    for k, g in grads0.items():
+        if g.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(grads1[k].flatten(), g.flatten(), dim=0) > 0.95, k
 
 
 def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
@@ -106,10 +132,10 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
 def test_fsdp_two_processes_equal_one_resume_and_export(tmp_path):
     """ITC (ITM off: its hard negatives come from each rank's local batch by design), 4 AdamW steps."""
     assert cli.main(_args(tmp_path, "one", "--set", "train.max_steps=4")) == 0
-    fsdp = ("--set", "train.strategy=fsdp")
-    _two_processes(_args(tmp_path, "two", "--set", "train.max_steps=4", *fsdp))
-    _two_processes(_args(tmp_path, "resumed", "--set", "train.max_steps=2", *fsdp))
-    _two_processes(_args(tmp_path, "resumed", "--set", "train.max_steps=4", "--set", "train.resume=latest", *fsdp))
+    fsdp = ("--set", "train.strategy=fsdp", "--set", "train.max_steps=4")
+    _two_processes(_args(tmp_path, "two", "--set", "train.checkpoint_every=2", *fsdp))
+    halfway = tmp_path / "two" / "checkpoints" / "step_00000002"
+    _two_processes(_args(tmp_path, "resumed", "--set", f"train.resume={halfway}", *fsdp))  # steps 3 and 4
     one = _adapter(tmp_path / "one")
     for run in ("two", "resumed"):
         other = _adapter(tmp_path / run)

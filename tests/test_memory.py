@@ -92,3 +92,15 @@ def test_fsdp_shards_the_blocks_and_checkpointing_keeps_block_inputs():
     assert e["ddp"] - e["fsdp"] == w["blocks"] - w["blocks"] // 4 - gathered > 0
     prof = ActivationProfile(saved=100, per_block=[30, 20], block_inputs=[5, 5])
     assert prof.with_checkpointing() == 100 - 50 + 10 + 30
+
+
+def test_params_memory_prints_both_strategies(capsys):
+    from pathlib import Path
+
+    from unitrans import cli
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "quickstart_llava.toml"
+    assert cli.main(["params", str(spec), "--memory", "--set", "train.nproc_per_node=2"]) == 0
+    out = capsys.readouterr().out
+    assert "16 samples per device" in out and "weights under fsdp" in out
+    assert "total under ddp" in out and "total under fsdp" in out and "24 GB: fits" in out

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from unitrans.errors import UserError
-from unitrans.interfaces import EncoderDecoder, InjectionPoint, QuestionEncoder
+from unitrans.interfaces import Backbone, EncoderDecoder, Exportable, InjectionPoint, QuestionEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image statistics of BLIP-2's and LLaVA's processors
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGE_MARK = "<image>"  # where the image tokens go in a question template
 
@@ -195,26 +197,77 @@ def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+class HuggingFaceBackbone(Backbone, Exportable):
+    """What the BLIP-2 and LLaVA backbones share: options (:class:`unitrans.backbone_options.HFBackboneOptions`),
+    freezing, ``train_parts``, activation checkpointing, the point vocabulary and ``save_pretrained``.
+
+    A subclass builds ``self.model``, ``self.tokenizer`` and ``self.processor`` (``None`` for a preset), then calls
+    :meth:`setup`; it implements ``injection_points`` and its capabilities.
+    """
+
+    def check_source(self) -> None:
+        """Refuse options that give neither or both of ``preset`` and ``pretrained``."""
+        o = self.options
+        if (o.preset is None) == (o.pretrained is None):
+            raise UserError(f"backbone {self.name}: set exactly one of `preset` (random init) or `pretrained` (a hub "
+                            f"id or local directory); got preset={o.preset!r}, pretrained={o.pretrained!r}")
+
+    def setup(self, native_image_size: int) -> None:
+        """Freeze (then unfreeze ``train_parts``), enable checkpointing, set the resolution and text length."""
+        o = self.options
+        self.image_size = o.image_size or native_image_size
+        self.interpolate_pos = self.image_size != native_image_size
+        self.max_text_length = o.max_text_length
+        self.model.requires_grad_(not o.freeze)
+        for part in o.train_parts:
+            train_part(self.model, part, self.name).requires_grad_(True)
+        self.recomputes_activations = o.gradient_checkpointing
+        if o.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self._points: list[InjectionPoint] | None = None
+
+    def declared_points(self) -> list[str]:
+        return sorted({p.name.rsplit(".", 1)[0] + ".*" for p in self.injection_points()}) + ["fusion.blocks"]
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory) -> None:
+        """``save_pretrained`` of the model and its processor (a preset: its tokenizer); loads with plain
+        ``transformers``."""
+        self.model.save_pretrained(str(directory))
+        (self.processor if self.processor is not None else self.tokenizer).save_pretrained(str(directory))
+
+
 class PrefixLanguageModel(EncoderDecoder, QuestionEncoder):
     """:class:`EncoderDecoder` and :class:`QuestionEncoder` over a Hugging Face LM that reads prefix embeddings.
 
-    A backbone class inherits this and sets:
+    A backbone class inherits this and has:
 
     Attributes:
         lm: the language model with its head and ``generate`` (``OPTForCausalLM``, ``T5ForConditionalGeneration``,
             or LLaVA's whole ``LlavaForConditionalGeneration`` called with ``inputs_embeds`` only).
-        lm_tokenizer: its tokenizer.
+        lm_tokenizer: its tokenizer (default: ``self.tokenizer``).
         question_template: how a question is laid out around the image tokens (``"{question}"`` is replaced by
-            the question, ``"<image>"`` marks the image tokens; without it they come first).
+            the question, ``"<image>"`` marks the image tokens; without it they come first). Default:
+            ``self.options.question_template``.
         max_text_length: default truncation of :meth:`decoder_tokenize` (special tokens included).
 
     ``encode_image`` (the image tokens in the LM's embedding space) is the backbone's own.
     """
 
     lm: nn.Module
-    lm_tokenizer: Any
-    question_template: str = "Question: {question} Answer:"
     max_text_length: int = 35
+
+    @property
+    def lm_tokenizer(self) -> Any:
+        """The LM's tokenizer; default: the backbone's ``tokenizer``."""
+        return self.tokenizer
+
+    @property
+    def question_template(self) -> str:
+        """How a question is laid out; default: the backbone's ``options.question_template``."""
+        return self.options.question_template
 
     # ---- tokens ------------------------------------------------------------------------------------------------
     @property
@@ -242,7 +295,8 @@ class PrefixLanguageModel(EncoderDecoder, QuestionEncoder):
         return [list(ids) for ids in enc["input_ids"]]
 
     def decoder_tokenize(self, texts: Sequence[str], device, max_length: int | None = None):
-        """``[bos] text [eos]`` per text, right-padded with the pad id: ``input_ids (B, L)``, ``attention_mask (B, L)``."""
+        """``[bos] text [eos]`` per text, right-padded with the pad id: ``input_ids (B, L)``, ``attention_mask
+        (B, L)``."""
         bos, eos, pad = self.special_ids()
         limit = (max_length or self.max_text_length) - 2
         rows = [[bos] + ids[:limit] + [eos] for ids in self._pieces(texts)]

@@ -30,30 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrans.errors import UserError
-from unitrans.interfaces import (
-    CONTRACT,
-    Backbone,
-    DualEncoder,
-    Exportable,
-    FusionEncoder,
-    FusionNetwork,
-    InjectionPoint,
-    ItmHead,
-)
+from unitrans.interfaces import CONTRACT, DualEncoder, FusionEncoder, FusionNetwork, InjectionPoint, ItmHead
 from unitrans.language_model import (
+    CLIP_MEAN,
+    CLIP_STD,
     DTYPES,
+    HuggingFaceBackbone,
     PrefixLanguageModel,
     architecture_of,
-    enable_gradient_checkpointing,
     layer_points,
     lm_layer_stacks,
     load_pretrained,
     point,
-    train_part,
 )
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's image processor statistics (OpenAI CLIP's)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _MODEL_CLASSES = {"retrieval": "Blip2ForImageTextRetrieval", "captioning": "Blip2ForConditionalGeneration",
                   "vqa": "Blip2ForConditionalGeneration"}
 
@@ -113,7 +103,7 @@ def preset_config(preset: str, tokenizer, image_size: int | None, retrieval: boo
 
 # ---- the Q-Former's two token streams ------------------------------------------------------------------------
 class _Streams:
-    """The query length of the Q-Former call in progress (set by a pre-hook on every Q-Former layer)."""
+    """The query length of the Q-Former self-attention call in progress (set by a pre-hook on it)."""
 
     query_length: int = 0
 
@@ -164,23 +154,34 @@ class StreamSplitLinear(nn.Module):
 
 def _split_streams(qformer: nn.Module) -> _Streams:
     """Replace the self-attention q, k, v and output linears of every Q-Former layer by :class:`StreamSplitLinear`
-    and record each call's ``query_length``."""
+    and give them each call's ``query_length``.
+
+    The layer's ``query_length`` is written on its input tensor by a pre-hook on the layer, and read back by a
+    pre-hook on its attention. transformers' activation checkpointing recomputes a layer's ``forward`` without its
+    hooks, but the attention inside it runs again, on the same input object: the recomputed split is the original's.
+    """
     streams = _Streams()
 
-    def record(module, args, kwargs):
-        streams.query_length = int(kwargs.get("query_length", args[4] if len(args) > 4 else 0) or 0)
+    def mark(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x._unitrans_query_length = int(kwargs.get("query_length", args[4] if len(args) > 4 else 0) or 0)
+
+    def read(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        streams.query_length = getattr(x, "_unitrans_query_length", 0)
 
     for layer in qformer.encoder.layer:
         sa = layer.attention.attention
         for role in ("query", "key", "value"):
             setattr(sa, role, StreamSplitLinear(getattr(sa, role), streams))
         layer.attention.output.dense = StreamSplitLinear(layer.attention.output.dense, streams)
-        layer.register_forward_pre_hook(record, with_kwargs=True)
+        layer.register_forward_pre_hook(mark, with_kwargs=True)
+        layer.attention.register_forward_pre_hook(read, with_kwargs=True)
     return streams
 
 
 # ---- the backbone ------------------------------------------------------------------------------------------------
-class Blip2Backbone(Backbone, FusionNetwork, Exportable):
+class Blip2Backbone(HuggingFaceBackbone, FusionNetwork):
     """BLIP-2, frozen, with named injection points (module docstring). ``Blip2Backbone(options)`` builds the class
     of the head ``options.task_model`` names: :class:`Blip2Retrieval` (``DualEncoder``, ``FusionEncoder``,
     ``ItmHead``) or :class:`Blip2Generation` (``EncoderDecoder``, ``QuestionEncoder``); both are ``FusionNetwork``
@@ -195,29 +196,17 @@ class Blip2Backbone(Backbone, FusionNetwork, Exportable):
         return super().__new__(cls)
 
     def __init__(self, options):
-        o = self.options = options
-        if (o.preset is None) == (o.pretrained is None):
-            raise UserError("backbone blip2.v1: set exactly one of `preset` (tiny, tiny_t5: random init) or "
-                            f"`pretrained` (a hub id or local directory); got preset={o.preset!r}, "
-                            f"pretrained={o.pretrained!r}")
+        self.options = options
+        self.check_source()
         self.model, self.processor, self.tokenizer = self._build()
         cfg = self.model.config
-        if o.task_model == "retrieval" and not cfg.qformer_config.use_qformer_text_input:
+        if options.task_model == "retrieval" and not cfg.qformer_config.use_qformer_text_input:
             raise UserError(f"backbone blip2.v1: task_model 'retrieval' needs a Q-Former that reads text "
                             f"(qformer_config.use_qformer_text_input, e.g. Salesforce/blip2-itm-vit-g); "
-                            f"'{o.pretrained or o.preset}' is a generation checkpoint")
-        self.image_size = o.image_size or cfg.vision_config.image_size
-        self.interpolate_pos = self.image_size != cfg.vision_config.image_size
+                            f"'{options.pretrained or options.preset}' is a generation checkpoint")
         self.num_queries = cfg.num_query_tokens
-        self.max_text_length = o.max_text_length
-        self.model.requires_grad_(not o.freeze)
-        for part in o.train_parts:
-            train_part(self.model, part, self.name).requires_grad_(True)
-        self.recomputes_activations = o.gradient_checkpointing
-        if o.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        self.setup(cfg.vision_config.image_size)
         self._streams = _split_streams(self.model.qformer) if hasattr(self.model, "text_projection") else None
-        self._points: list[InjectionPoint] | None = None
 
     def _build(self):
         """``(model, processor or None, tokenizer)`` from the preset, the checkpoint, or its architecture alone."""
@@ -252,12 +241,6 @@ class Blip2Backbone(Backbone, FusionNetwork, Exportable):
             self._points = pts
         return self._points
 
-    def declared_points(self) -> list[str]:
-        return sorted({p.name.rsplit(".", 1)[0] + ".*" for p in self.injection_points()}) + ["fusion.blocks"]
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
     def fusion_blocks(self) -> list[nn.Module]:
         return list(self.model.qformer.encoder.layer)
 
@@ -282,13 +265,7 @@ class Blip2Backbone(Backbone, FusionNetwork, Exportable):
         return self.model.vision_model(pixel_values=pixel_values,
                                        interpolate_pos_encoding=self.interpolate_pos).last_hidden_state
 
-    # ---- export ------------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        """``save_pretrained`` of the model and its processor (a preset: its tokenizer); the stream views hold no
-        tensor of their own, so the keys are transformers'."""
-        self.model.save_pretrained(str(directory))
-        (self.processor if self.processor is not None else self.tokenizer).save_pretrained(str(directory))
-
+    # ---- refusals ---------------------------------------------------------------------------------------------
     def capability_hint(self, capability: type) -> str:
         heads = [t for t in ("retrieval", "captioning", "vqa")
                  if issubclass(Blip2Retrieval if t == "retrieval" else Blip2Generation, capability)]
@@ -353,14 +330,6 @@ class Blip2Generation(Blip2Backbone, PrefixLanguageModel):
     @property
     def lm(self) -> nn.Module:
         return self.model.language_model
-
-    @property
-    def lm_tokenizer(self):
-        return self.tokenizer
-
-    @property
-    def question_template(self) -> str:
-        return self.options.question_template
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ViT -> Q-Former queries -> language projection: ``(B, Q, D_lm)``."""

@@ -22,22 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unitrans.errors import UserError
-from unitrans.interfaces import CONTRACT, Backbone, DualEncoder, Exportable, FusionNetwork, InjectionPoint
-from unitrans.language_model import (
-    DTYPES,
-    PrefixLanguageModel,
-    architecture_of,
-    enable_gradient_checkpointing,
-    layer_points,
-    lm_layer_stacks,
-    load_pretrained,
-    point,
-    train_part,
-)
+from unitrans import language_model as hf
+from unitrans.interfaces import CONTRACT, DualEncoder, FusionNetwork, InjectionPoint
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _TINY = dict(
     vision_config=dict(model_type="clip_vision_model", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                        intermediate_size=128, image_size=64, patch_size=8, projection_dim=64,
@@ -70,7 +57,7 @@ def preset_config(tokenizer, image_size: int | None):
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
 
 
-class LlavaBackbone(Backbone, FusionNetwork, PrefixLanguageModel, Exportable):
+class LlavaBackbone(hf.HuggingFaceBackbone, FusionNetwork, hf.PrefixLanguageModel):
     """``LlavaForConditionalGeneration``, frozen, with named injection points (module docstring)."""
 
     name = "llava.v1"
@@ -80,15 +67,13 @@ class LlavaBackbone(Backbone, FusionNetwork, PrefixLanguageModel, Exportable):
         import transformers
 
         o = self.options = options
-        if (o.preset is None) == (o.pretrained is None):
-            raise UserError("backbone llava.v1: set exactly one of `preset` (tiny: random init) or `pretrained` "
-                            f"(a hub id or local directory); got preset={o.preset!r}, pretrained={o.pretrained!r}")
+        self.check_source()
         cls = transformers.LlavaForConditionalGeneration
-        self.image_mean, self.image_std, self.processor = CLIP_MEAN, CLIP_STD, None
+        self.image_mean, self.image_std, self.processor = hf.CLIP_MEAN, hf.CLIP_STD, None
         if o.pretrained is not None and not o.random_init:
-            self.model, self.processor, self.tokenizer, stats = load_pretrained(cls, o.pretrained, DTYPES[o.dtype],
-                                                                                self.name)
-            self.image_mean, self.image_std = stats or (CLIP_MEAN, CLIP_STD)
+            dtype = hf.DTYPES[o.dtype]
+            self.model, self.processor, self.tokenizer, stats = hf.load_pretrained(cls, o.pretrained, dtype, self.name)
+            self.image_mean, self.image_std = stats or (hf.CLIP_MEAN, hf.CLIP_STD)
         else:
             from unitrans_blip2.backbone import preset_tokenizer
 
@@ -97,33 +82,15 @@ class LlavaBackbone(Backbone, FusionNetwork, PrefixLanguageModel, Exportable):
                 self.model = cls(preset_config(self.tokenizer, o.image_size))
             else:
                 with torch.device("meta"):  # the architecture only: parameter and memory accounting
-                    self.model = cls(architecture_of(transformers.LlavaConfig, KNOWN, o.pretrained, self.name))
-            self.model.to(DTYPES[o.dtype])
-        cfg = self.model.config
-        self.image_size = o.image_size or cfg.vision_config.image_size
-        self.interpolate_pos = self.image_size != cfg.vision_config.image_size
-        self.max_text_length = o.max_text_length
-        self.model.requires_grad_(not o.freeze)
-        for part in o.train_parts:
-            train_part(self.model, part, self.name).requires_grad_(True)
-        self.recomputes_activations = o.gradient_checkpointing
-        if o.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        self._points: list[InjectionPoint] | None = None
+                    self.model = cls(hf.architecture_of(transformers.LlavaConfig, KNOWN, o.pretrained, self.name))
+            self.model.to(hf.DTYPES[o.dtype])
+        self.setup(self.model.config.vision_config.image_size)
 
-    # ---- the language model (PrefixLanguageModel) ------------------------------------------------------------
+    # ---- the language model (PrefixLanguageModel) ---------------------------------------------------------------
     @property
     def lm(self) -> nn.Module:
         """The whole model: called with ``inputs_embeds`` and no pixels, it is the language model with its head."""
         return self.model
-
-    @property
-    def lm_tokenizer(self):
-        return self.tokenizer
-
-    @property
-    def question_template(self) -> str:
-        return self.options.question_template
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> the projected image tokens ``(B, N, D_lm)``: the vision tower's
@@ -148,33 +115,22 @@ class LlavaBackbone(Backbone, FusionNetwork, PrefixLanguageModel, Exportable):
         if self._points is None:
             tower = self.model.model.vision_tower
             layers = getattr(getattr(tower, "vision_model", tower), "encoder").layers  # CLIPVisionModel, old or new
-            pts = layer_points(list(layers)[: self.vision_layers_used()], "vision", "V")
+            pts = hf.layer_points(list(layers)[: self.vision_layers_used()], "vision", "V")
             projector = self.model.model.multi_modal_projector
-            pts.append(point("projector.fc1", 0, "C", projector.linear_1, "projector.in"))
-            pts.append(point("projector.fc2", 0, "C", projector.linear_2, "projector.hidden"))
-            for prefix, layers in lm_layer_stacks(self.model):
-                pts += layer_points(layers, prefix, "D")
+            pts.append(hf.point("projector.fc1", 0, "C", projector.linear_1, "projector.in"))
+            pts.append(hf.point("projector.fc2", 0, "C", projector.linear_2, "projector.hidden"))
+            for prefix, layers in hf.lm_layer_stacks(self.model):
+                pts += hf.layer_points(layers, prefix, "D")
             self._points = pts
         return self._points
 
-    def declared_points(self) -> list[str]:
-        return sorted({p.name.rsplit(".", 1)[0] + ".*" for p in self.injection_points()}) + ["fusion.blocks"]
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
     def fusion_blocks(self) -> list[nn.Module]:
-        return list(lm_layer_stacks(self.model)[0][1])
+        return list(hf.lm_layer_stacks(self.model)[0][1])
 
     def fusion_width(self) -> int:
         return self.model.config.text_config.hidden_size
 
-    # ---- export and refusals -----------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        """``save_pretrained`` of the model and its processor (a preset: its tokenizer)."""
-        self.model.save_pretrained(str(directory))
-        (self.processor if self.processor is not None else self.tokenizer).save_pretrained(str(directory))
-
+    # ---- refusals ---------------------------------------------------------------------------------------------
     def capability_hint(self, capability: type) -> str:
         if capability is DualEncoder or capability.__name__ in ("FusionEncoder", "ItmHead"):
             return ("LLaVA computes no unimodal text feature and no image-text score: ITC, MCAM and ITM retrieval "
