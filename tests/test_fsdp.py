@@ -98,6 +98,7 @@ def test_sharded_step_in_bf16_follows_the_fp32_step(one_rank_group):
     loss0, grads0 = _step(_StepModule(plain_built), plain_built, batch)
     loss1, grads1 = _step(ShardedStep(_StepModule(built), torch.device("cpu"), "bf16"), built, batch)
     assert all(g.dtype == torch.float32 for g in grads1.values())
+    assert not torch.equal(loss1, loss0)  # the blocks did compute in bf16
     torch.testing.assert_close(loss1, loss0, atol=0, rtol=2e-2)
     for k, g in grads0.items():
         if g.norm() > 0:
