@@ -203,7 +203,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
     spec = _load(args)
     from unitrans.engine.params import params_command
 
-    return int(params_command(spec, as_json=args.json) or 0)
+    extra = {"memory": True} if args.memory else {}
+    return int(params_command(spec, as_json=args.json, **extra) or 0)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="count total and trainable parameters, by component")
     _add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--memory", action="store_true", help="also estimate the peak memory per device of a training "
+                   "step under DDP and FSDP (weights, trainable state, activations at the spec's batch)")
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("export", help="merge trained adapters into the backbone and save_pretrained it")

@@ -81,7 +81,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _ContiguousGrad.apply(torch.cat(all_gather(x.contiguous()), dim=0))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward passes on a contiguous gradient. ``all_gather``'s backward exchanges the gradient's
+    row blocks between ranks by their raw storage; the gradient an einsum or a transposed product sends back (BLIP-2's
+    best-query similarity) is a strided view, and its blocks would reach the other ranks scrambled."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:

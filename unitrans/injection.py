@@ -103,7 +103,17 @@ def remove_deltas(owner: object, points: list[InjectionPoint]) -> None:
 
 @torch.no_grad()
 def merge(owner, points: list[InjectionPoint], delta_weight: Callable[[InjectionPoint], torch.Tensor]) -> None:
-    """Fold ``delta_weight(point)`` into each point's frozen rows; the update stops running in forward."""
+    """Fold ``delta_weight(point)`` into each point's frozen rows; the update stops running in forward.
+
+    A point's linear that cannot hold its update alone (a view sharing its weight with another input stream, e.g.
+    BLIP-2's Q-Former self-attention) says why in its ``unmergeable`` attribute; such a merge is refused before
+    any weight changes (``UserError`` naming the point)."""
+    for p in points:
+        reason = getattr(p.module, "unmergeable", None)
+        if reason:
+            from unitrans.errors import UserError
+
+            raise UserError(f"cannot merge the update of point {p.id}: {reason}")
     by_module: dict[int, list[InjectionPoint]] = {}
     for p in points:
         by_module.setdefault(id(p.module), []).append(p)

@@ -178,7 +178,9 @@ class DualEncoder(ABC):
 
     @abstractmethod
     def image_feat(self, image_embeds: "torch.Tensor") -> "torch.Tensor":
-        """Image tokens -> L2-normalised ITC feature ``(B, P)``."""
+        """Image tokens -> L2-normalised ITC feature ``(B, P)``, or ``(B, Q, P)``: Q features per image (BLIP-2's
+        query tokens), whose similarity to a text is the best one's cosine
+        (:func:`unitrans.alignment_losses.itc.pair_similarity`; ITC, MCAM and retrieval all score through it)."""
 
     @abstractmethod
     def encode_text(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":

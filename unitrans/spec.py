@@ -159,6 +159,9 @@ class TrainSpec(BaseModel):
         resume (str): ``"none"``, ``"latest"`` (continue from ``output_dir/checkpoints/latest`` when present) or
             a checkpoint folder.
         find_unused_parameters (bool): DDP option, for components whose parameters skip some steps.
+        strategy (str): with several processes, ``"ddp"`` (every rank holds the whole backbone) or ``"fsdp"``
+            (PyTorch FSDP: the frozen backbone's blocks sharded across ranks, trainable tensors replicated;
+            ``unitrans.engine.strategy``).
         tensorboard (bool): also log to TensorBoard (``output_dir/tb``) when it is installed.
     """
 
@@ -184,6 +187,7 @@ class TrainSpec(BaseModel):
     best_metric: str | None = None
     resume: str = "none"
     find_unused_parameters: bool = True
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
 
     @field_validator("grad_accum")

@@ -47,11 +47,27 @@ class ContrastBank:
     momentum: MomentumCandidates | None = None
 
 
+def pair_similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Image-text similarity ``(I, T)`` of L2-normalised features (the :class:`~unitrans.interfaces.DualEncoder`
+    contract).
+
+    ``image_feat (I, P)``: cosine ``image_feat @ text_feat.T``. ``image_feat (I, Q, P)`` (Q query features per
+    image, BLIP-2's Q-Former): the best query's cosine, ``max_q image_feat[i, q] . text_feat[t]``, as
+    ``Blip2ForImageTextRetrieval`` and LAVIS compute ITC (the gradient reaches the best query). Images are taken
+    ``chunk`` at a time, so the ``(chunk, Q, T)`` intermediate bounds memory.
+    """
+    if image_feat.dim() == 2:
+        return image_feat @ text_feat.t()
+    rows = [torch.einsum("iqp,tp->iqt", part, text_feat).amax(dim=1) for part in image_feat.split(chunk)]
+    return torch.cat(rows) if rows else image_feat.new_zeros(0, text_feat.shape[0])
+
+
 def cross_similarities(image_feat, text_feat, image_ids):
     """Local rows against the global batch.
 
     Args:
-        image_feat: ``(B, P)`` L2-normalised, this rank's images.
+        image_feat: ``(B, P)`` L2-normalised, this rank's images; or ``(B, Q, P)`` multi-query features (the
+            similarity is then the best query's, :func:`pair_similarity`).
         text_feat: ``(B, P)`` L2-normalised, this rank's texts.
         image_ids: ``(B,)`` positives share an id.
 
@@ -62,8 +78,8 @@ def cross_similarities(image_feat, text_feat, image_ids):
     image_all = gather_with_grad(image_feat)  # (G, P)
     text_all = gather_with_grad(text_feat)  # (G, P)
     ids_all = gather_nograd(image_ids)  # (G,)
-    sim_i2t = image_feat @ text_all.t()
-    sim_t2i = text_feat @ image_all.t()
+    sim_i2t = pair_similarity(image_feat, text_all)
+    sim_t2i = text_feat @ image_all.t() if image_all.dim() == 2 else pair_similarity(image_all, text_feat).t()
     positives = image_ids[:, None] == ids_all[None, :]
     return sim_i2t, sim_t2i, positives
 
@@ -91,17 +107,18 @@ def itc_loss(sim_i2t, sim_t2i, positives, temperature) -> torch.Tensor:
 
 
 def momentum_itc_loss(image_feat, text_feat, image_ids, m: MomentumCandidates, temperature) -> torch.Tensor:
-    """BLIP's ITC with a momentum encoder: online features ``(B, P)`` against the momentum candidates ``(K, P)``;
+    """BLIP's ITC with a momentum encoder: online features ``(B, P)`` (images may be ``(B, Q, P)``) against the
+    momentum candidates ``(K, P)``;
     targets ``(1 - α) · id positives + α · softmax(momentum similarities / τ)``."""
-    sim_i2t = image_feat @ m.text.t()  # (B, K)
-    sim_t2i = text_feat @ m.image.t()
+    sim_i2t = pair_similarity(image_feat, m.text)  # (B, K)
+    sim_t2i = pair_similarity(m.image, text_feat).t()
     with torch.no_grad():
         hard = id_targets(image_ids[:, None] == m.ids[None, :])
         t_i2t, t_t2i = hard, hard
         if m.alpha > 0:
             tau = temperature.detach() if torch.is_tensor(temperature) else temperature
-            t_i2t = m.alpha * F.softmax(m.image_local @ m.text.t() / tau, dim=1) + (1 - m.alpha) * hard
-            t_t2i = m.alpha * F.softmax(m.text_local @ m.image.t() / tau, dim=1) + (1 - m.alpha) * hard
+            t_i2t = m.alpha * F.softmax(pair_similarity(m.image_local, m.text) / tau, dim=1) + (1 - m.alpha) * hard
+            t_t2i = m.alpha * F.softmax(pair_similarity(m.image, m.text_local).t() / tau, dim=1) + (1 - m.alpha) * hard
     return soft_itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i, temperature)
 
 

@@ -23,10 +23,11 @@ def architecture_spec(spec):
     return spec.model_copy(update={"backbone": backbone})
 
 
-def count_spec(spec) -> dict:
+def count_spec(spec, memory: bool = False) -> dict:
     """Parameter counts of ``spec``'s model (:func:`count_parameters`), built on the ``meta`` device: shapes
     only, no memory and no initialisation cost (BLIP-base in a fraction of a second). A backbone that cannot be
-    built there is built on the CPU instead."""
+    built there is built on the CPU instead. With ``memory``, also the estimated peak memory per device of a
+    training step (:mod:`unitrans.engine.memory`)."""
     import torch
 
     from unitrans import registry
@@ -42,11 +43,16 @@ def count_spec(spec) -> dict:
         built = build(spec, "cpu", with_data=False)
     counts = count_parameters(built)
     counts["tunable_millions"] = round(counts["trainable"] / 1e6, 2)
+    if memory:
+        from unitrans.engine.memory import estimate_memory
+
+        counts["memory"] = estimate_memory(built, spec)
     return counts
 
 
-def params_command(spec, as_json: bool = False) -> int:
-    counts = count_spec(spec)
+def params_command(spec, as_json: bool = False, memory: bool = False) -> int:
+    """Print the parameter counts of ``spec`` (and, with ``memory``, the estimated peak memory per device)."""
+    counts = count_spec(spec, memory=memory)
     if as_json:
         print(json.dumps(counts, indent=2))
         return 0
@@ -59,4 +65,8 @@ def params_command(spec, as_json: bool = False) -> int:
     if counts["by_modality"]:
         print("trainable by modality: " + ", ".join(
             f"{_MODALITY_NAMES.get(k, k)} {v:,}" for k, v in sorted(counts["by_modality"].items())))
+    if memory:
+        from unitrans.engine.memory import memory_report
+
+        print(memory_report(counts["memory"]))
     return 0

@@ -23,6 +23,7 @@ from unitrans import distributed as dist
 from unitrans.engine.build import build, count_parameters
 from unitrans.engine.checkpoint import (find_resume_checkpoint, load_resume_checkpoint, save_adapter,
                                         save_resume_checkpoint)
+from unitrans.engine.strategy import wrap_for_training
 from unitrans.errors import UserError
 
 
@@ -260,15 +261,8 @@ def train(built, data, eval_ds, spec, device, out: Path, resume_from: Path | Non
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(tr.warmup_ratio * total), tr.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=tr.precision == "fp16")
 
-    step_module = _StepModule(built)
-    if world > 1:
-        import warnings
-
-        with warnings.catch_warnings():  # broadcast_buffers' rename is announced, not yet in every torch we support
-            warnings.simplefilter("ignore", FutureWarning)
-            step_module = nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=tr.find_unused_parameters)
+    step_module = wrap_for_training(_StepModule(built), tr.strategy, device,
+                                    find_unused_parameters=tr.find_unused_parameters, precision=tr.precision)
 
     step, best = 0, None
     if resume_from is not None:

@@ -68,16 +68,19 @@ class MomentumCopy:
 
 
 class FeatureQueue:
-    """BLIP's ring buffers of momentum image and text features ``(Q, P)`` with their image ids ``(Q,)``.
+    """BLIP's ring buffers of momentum image and text features ``(S, P)`` with their image ids ``(S,)`` (image
+    features ``(S, Q, P)`` for multi-query images).
 
     They start as BLIP's: random unit vectors (from a fixed generator, equal on every rank) with id -100, so they
     act as negatives until real features replace them. Every rank holds the whole queue and enqueues the same
     gathered global batch, so the queues stay equal across ranks.
     """
 
-    def __init__(self, size: int, dim: int, device, seed: int = 0):
+    def __init__(self, size: int, dim: int, device, seed: int = 0, image_queries: int | None = None):
+        """``dim``: P; ``image_queries``: Q when an image has Q features (BLIP-2's ``(B, Q, P)``), else ``None``."""
         g = torch.Generator().manual_seed(seed)
-        self.image = F.normalize(torch.randn(size, dim, generator=g, device="cpu"), dim=1).to(device)
+        image_shape = (size, dim) if image_queries is None else (size, image_queries, dim)
+        self.image = F.normalize(torch.randn(*image_shape, generator=g, device="cpu"), dim=-1).to(device)
         self.text = F.normalize(torch.randn(size, dim, generator=g, device="cpu"), dim=1).to(device)
         self.ids = torch.full((size,), QUEUE_FREE_ID, dtype=torch.long, device=device)
         self.ptr = torch.zeros((), dtype=torch.long, device=device)

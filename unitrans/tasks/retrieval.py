@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unitrans.alignment_losses.itc import ContrastBank, MomentumCandidates
+from unitrans.alignment_losses.itc import ContrastBank, MomentumCandidates, pair_similarity
 from unitrans.interfaces import DualEncoder, FusionEncoder, ItmHead, Task, check_capabilities
 from unitrans.tasks.momentum import FeatureQueue, MomentumCopy, distill_alpha, gather_features
 
@@ -101,8 +101,9 @@ class Retrieval(Task):
         if self._momentum is not None:
             self._momentum.load_state_dict(state)
         if self.recipe.queue_size and "queue.image" in state:
-            self._queue = FeatureQueue(self.recipe.queue_size, state["queue.image"].shape[1],
-                                       state["queue.image"].device)
+            image = state["queue.image"]  # (S, P) or (S, Q, P)
+            self._queue = FeatureQueue(self.recipe.queue_size, image.shape[-1], image.device,
+                                       image_queries=image.shape[1] if image.dim() == 3 else None)
             self._queue.load_state_dict(state)
 
     # ---- training --------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Retrieval(Task):
         # the momentum forward swaps tensors in place, so it runs before this step's graph exists
         bank = self._contrast_bank(backbone, batch["image"], tok, image_ids) if alignment is not None else None
         image_embeds = backbone.encode_image(batch["image"])  # (B, N, Dv)
-        image_feat = backbone.image_feat(image_embeds)  # (B, P)
+        image_feat = backbone.image_feat(image_embeds)  # (B, P), or (B, Q, P) multi-query
         text_feat = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
         losses = {}
         if alignment is not None:
@@ -136,11 +137,12 @@ class Retrieval(Task):
         if self._momentum is None:
             raise RuntimeError("task retrieval.v1: momentum needs Task.setup(built) before the first training step")
         with self._momentum.swapped_in(), torch.no_grad():
-            image_m = backbone.image_feat(backbone.encode_image(images))  # (B, P)
+            image_m = backbone.image_feat(backbone.encode_image(images))  # (B, P) or (B, Q, P)
             text_m = backbone.text_feat(backbone.encode_text(**tok))  # (B, P)
         g_image, g_text, g_ids = gather_features(image_m, text_m, image_ids)  # (G, P), (G, P), (G,)
         if self.recipe.queue_size and self._queue is None:
-            self._queue = FeatureQueue(self.recipe.queue_size, image_m.shape[1], image_m.device)
+            self._queue = FeatureQueue(self.recipe.queue_size, image_m.shape[-1], image_m.device,
+                                       image_queries=image_m.shape[1] if image_m.dim() == 3 else None)
         if self._queue is not None:
             self._pending = (g_image, g_text, g_ids)
             g_image = torch.cat([g_image, self._queue.image.to(g_image.dtype)])  # (G + Q, P): batch, then queue
@@ -152,7 +154,7 @@ class Retrieval(Task):
     def _itm_loss(self, backbone, tok, image_ids, image_embeds, image_feat, text_feat, temperature: float):
         b = image_embeds.shape[0]
         with torch.no_grad():
-            sim = image_feat @ text_feat.t() / temperature  # (B, B) local batch
+            sim = pair_similarity(image_feat, text_feat) / temperature  # (B, B) local batch
             pos = image_ids[:, None] == image_ids[None, :]
             hard = self.negatives == "hard"
             neg_text = sample_negatives(sim, pos, hard)  # a text for each image
@@ -203,8 +205,8 @@ class Retrieval(Task):
             emb = backbone.encode_image(batch["image"].to(device))
             image_feats.append(backbone.image_feat(emb).float().cpu())
             image_embeds.append(emb.cpu() if self.rerank != "itc" else None)
-        image_feat = torch.cat(image_feats)  # (I, P)
-        sims = image_feat @ text_feat.t()  # (I, T)
+        image_feat = torch.cat(image_feats)  # (I, P) or (I, Q, P)
+        sims = pair_similarity(image_feat, text_feat)  # (I, T)
 
         if self.rerank == "itc":
             s_i2t, s_t2i = sims, sims.t()
