@@ -126,7 +126,8 @@ def make_folder(path: Path, shown: str) -> None:
         probe.unlink()
     except OSError as exc:
         why = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable",
-               errno.EPERM: "is not writable", errno.ENOSPC: "is on a full disk"}.get(exc.errno, exc.strerror)
+               errno.EPERM: "is not writable", errno.ENOSPC: "is on a full disk"}.get(
+                   exc.errno, f"cannot be created ({exc.strerror})")
         raise UserError(f"output_dir = '{shown}': {path} {why}") from None
 
 
