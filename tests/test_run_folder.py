@@ -192,7 +192,8 @@ def test_rank_and_train_parts_can_never_be_allowed(finished, run_copy, capsys):
 
 
 def test_a_resume_with_free_changes_only_goes_through(finished, run_copy):
-    extra = ("--resume", "--set", "train.log_every=1", "--set", "eval.batch_size=8", "--set", "train.keep_last=3")
+    extra = ("--resume", "--set", "train.log_every=5", "--set", "eval.batch_size=8", "--set", "train.keep_last=3",
+             "--set", "train.num_workers=1", "--set", "train.timeout_s=60")
     assert cli.main(_args(run_copy, finished["data"], *extra)) == 0
 
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from unitrans.errors import UserError
-from unitrans.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
+from unitrans.fileio import atomic_write_bytes, fsync_dir
 
 FORMAT = "unitrans.adapter.v1"
 RESUME_FORMAT = "unitrans.resume.v2"
