@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def run(spec) -> int:
     finally:
         if folder is not None:
             folder.release()
-        torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
+        _set_deterministic(*kernels)
         dist.cleanup()
 
 
@@ -103,8 +104,18 @@ def _deterministic_kernels(tr, device: torch.device) -> tuple[bool, bool]:
     more threads). Returns the previous setting, restored when the run ends."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     want = tr.deterministic if tr.deterministic is not None else device.type == "cpu"
-    torch.use_deterministic_algorithms(want, warn_only=True)
+    _set_deterministic(want, True)
     return before
+
+
+def _set_deterministic(mode: bool, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms``, without importing the compiler when nothing has: the public call
+    imports ``torch._inductor`` (seconds at start-up) only to set a flag that matters to compiled code."""
+    low = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if low is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        low(mode, warn_only=warn_only)
 
 
 def _worker_error(exc: UserError) -> UserError:
