@@ -67,8 +67,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches - self.start_batch) * self.per_device
 
 
-
-
 def run(spec) -> int:
     """Train and evaluate ``spec`` in this process (one rank of a torchrun job, or alone). Returns 0.
 
