@@ -363,6 +363,7 @@ STUCK_WORKER = textwrap.dedent("""
         except RuntimeError as exc:
             assert dist.is_timeout(exc), exc
             print(dist.stall_report(3), flush=True)
+            dist.abandon()
             sys.exit(2)
 """)
 

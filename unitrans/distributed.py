@@ -116,9 +116,31 @@ def stall_report(timeout_s: int) -> str:
             "process (stopped, swapping, or stuck in I/O); raise train.timeout_s if a step legitimately takes longer")
 
 
+_abandoned = False
+
+
 def cleanup() -> None:
-    if is_dist():
+    if is_dist() and not _abandoned:
         dist.destroy_process_group()
+
+
+def abandon(exit_code: int = 2) -> None:
+    """After a collective timed out: the group is broken (a peer is stopped), and tearing it down can abort the
+    process ("terminate called without an active exception") or wait on the peer. So it is left as it is, and the
+    process ends with ``exit_code`` without the interpreter's teardown, once the error has been printed."""
+    global _abandoned
+    if _abandoned:
+        return
+    _abandoned = True
+    import atexit
+    import sys
+
+    def hard_exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    atexit.register(hard_exit)
 
 
 def barrier() -> None:

@@ -83,7 +83,9 @@ def run(spec) -> int:
         raise _worker_error(exc) from None
     except RuntimeError as exc:
         if dist.is_timeout(exc):
-            raise TrainingError(dist.stall_report(spec.train.timeout_s)) from None
+            message = dist.stall_report(spec.train.timeout_s)
+            dist.abandon()
+            raise TrainingError(message) from None
         raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
