@@ -36,7 +36,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     manifest = save_adapter(saved, spec, tmp_path)
     assert (tmp_path / "adapter.safetensors").is_file() and manifest["numel"] == sum(v.numel() for v in before.values())
 
-    _, loaded = build_spec(quickstart_like(), seed=123)  # other init of the frozen parts does not matter here
+    _, loaded = build_spec(quickstart_like())  # the same base (another one is refused: see below)
     fresh = loaded.trainable_state()
     assert set(fresh) == set(before)
     assert any(not torch.equal(fresh[k], before[k]) for k in before)
@@ -126,3 +126,36 @@ def test_frozen_projections_are_not_saved(tmp_path):
         b = retrieval_forward(loaded.backbone, pixel, tok)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_another_base_is_refused(tmp_path):
+    """adapter.json records the base's identity: another seed of the random-init preset, or the same base with an
+    adapter already merged into it (a merged export), is refused by name; the base it was trained on loads."""
+    spec, saved = _randomised(quickstart_like(), seed=7)
+    manifest = save_adapter(saved, spec, tmp_path)
+    assert manifest["base"]["identity"].startswith("sha256:") and manifest["base"]["seed"] == 0
+
+    _, other_seed = build_spec(quickstart_like(), seed=1)
+    with pytest.raises(UserError, match="the adapter was trained on base sha256:.*but this spec builds base"):
+        load_adapter(other_seed, tmp_path)
+
+    _, merged = _randomised(quickstart_like(), seed=8)
+    merged.adapters[0].merge()  # the frozen weights at the injection points now hold an update
+    with pytest.raises(UserError, match=str(tmp_path / "adapter.json")):
+        load_adapter(merged, tmp_path)
+    merged.adapters[0].unmerge()  # bit-exact: the original base again
+    load_adapter(merged, tmp_path)
+    assert torch.equal(merged.trainable_state()["adapters.0.A.shared"], saved.trainable_state()["adapters.0.A.shared"])
+
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "adapter.json"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_adapter_file_is_one_line_naming_it(tmp_path, name, damage):
+    spec, saved = _randomised(quickstart_like(), seed=9)
+    save_adapter(saved, spec, tmp_path)
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[:41] if damage == "truncate" else b"\x89garbage\x00" * 5)
+    _, target = build_spec(quickstart_like())
+    with pytest.raises(UserError) as err:
+        load_adapter(target, tmp_path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -81,6 +81,11 @@ def _load(args: argparse.Namespace) -> "Spec":
         return load_spec(args.spec, args.overrides)
     except FileNotFoundError as exc:  # only the spec file itself is read here
         raise UserError(f"{exc}" if "spec file" in str(exc) else f"spec file not found: {args.spec}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"spec file {args.spec} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"spec file {args.spec} is a folder, not a TOML file") from None
 
 
 def _summary_lines(spec: "Spec") -> list[str]:
@@ -160,13 +165,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     if args.output_dir is not None:
         spec = spec.model_copy(update={"output_dir": str(args.output_dir)})
-    train_updates = {}
+    train_updates: dict[str, Any] = {}
     if args.resume:
         train_updates["resume"] = "latest"
+    if args.overwrite:
+        train_updates["overwrite"] = True
+    if args.allow_change:
+        train_updates["allow_change"] = sorted({*spec.train.allow_change, *args.allow_change})
     if args.nproc_per_node is not None:
         train_updates["nproc_per_node"] = args.nproc_per_node
     if train_updates:
-        spec = spec.model_copy(update={"train": spec.train.model_copy(update=train_updates)})
+        from pydantic import ValidationError
+
+        from unitrans.spec import SpecError, TrainSpec
+
+        try:  # validated: an --allow-change KEY that cannot change is refused like the spec field
+            train = TrainSpec.model_validate(spec.train.model_dump() | train_updates)
+        except ValidationError as exc:
+            raise SpecError([f"train -> {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+        spec = spec.model_copy(update={"train": train})
     from unitrans.distributed import launched_by_torchrun
     from unitrans.engine.run import run
 
@@ -242,6 +259,25 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """``run``'s options: the spec, the output folder and what to do with a run already in it, processes."""
+    _add_spec_args(p)
+    p.add_argument("--output-dir", type=Path, default=None, help="replaces the spec's output_dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/latest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its outputs are removed; replaces train.overwrite)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: let KEY differ from the checkpoint's spec on purpose (train.lr, "
+                   "train.weight_decay, train.grad_clip, train.epochs, train.max_steps; repeatable)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes on this machine (replaces train.nproc_per_node); >1 starts torchrun (DDP)")
+    p.add_argument("--nnodes", default="1", help="torchrun: number of nodes (or MIN:MAX)")
+    p.add_argument("--node-rank", type=int, default=0, help="torchrun: this node's rank")
+    p.add_argument("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--rdzv-backend", default="c10d", help="torchrun: rendezvous backend")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of the worker group")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation tools and tests)."""
     parser = argparse.ArgumentParser(
@@ -263,16 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="train and evaluate as a spec says")
-    _add_spec_args(p)
-    p.add_argument("--output-dir", type=Path, default=None, help="replaces the spec's output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes on this machine (replaces train.nproc_per_node); >1 starts torchrun (DDP)")
-    p.add_argument("--nnodes", default="1", help="torchrun: number of nodes (or MIN:MAX)")
-    p.add_argument("--node-rank", type=int, default=0, help="torchrun: this node's rank")
-    p.add_argument("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous (multi-node)")
-    p.add_argument("--rdzv-backend", default="c10d", help="torchrun: rendezvous backend")
-    p.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of the worker group")
+    _add_run_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sweep", help="run a spec's variants x seeds (ablations, grids); tabulate and plot them")

@@ -29,28 +29,118 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device_pref: str = "auto", timeout_s: int = 1800) -> torch.device:
+def init_from_env(device_pref: str = "auto", timeout_s: int = 300) -> torch.device:
     """Join the process group torchrun describes in the environment (if any) and pick this rank's device.
 
-    nccl on GPUs, gloo on the CPU. A rank that dies makes torchrun's agent stop the others; the timeout bounds
-    how long a collective can wait for a peer that hangs.
+    nccl on GPUs, gloo on the CPU. A rank that dies makes torchrun's agent stop the others; ``timeout_s`` bounds
+    how long a collective waits for a peer that hangs (see :func:`stall_report`). A device that is not there
+    (``"cuda"`` without a GPU, ``"cuda:3"`` on a one-GPU machine) -> one-line UserError.
     """
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        device = torch.device("cuda", local_rank if device_pref in ("auto", "cuda") else torch.device(device_pref).index or 0)
+    device = pick_device(device_pref, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu" if device_pref == "auto" else device_pref)
     if launched_by_torchrun() and not is_dist():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
     return device
 
 
-def cleanup() -> None:
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this rank's GPU when there is one, else the CPU; ``"cuda"``: this rank's GPU; ``"cuda:N"``,
+    ``"cpu"``, ``"mps"`` as written. Checks that the device exists."""
+    from unitrans.errors import UserError
+
+    if pref == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(pref)
+    except RuntimeError:
+        raise UserError(f"train.device = '{pref}' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = local_rank if device.index is None else device.index
+        if index >= count:
+            have = f"{count} CUDA GPU(s)" if count else "no CUDA GPU (torch.cuda.is_available() is False)"
+            raise UserError(f"train.device = '{pref}' but this machine has {have} for rank {local_rank}; "
+                            "use 'cpu' or 'auto'")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device = '{pref}' but MPS is not available here; use 'cpu' or 'auto'")
+    if device.type not in ("cpu", "mps"):
+        raise UserError(f"train.device = '{pref}': UniTrans runs on 'cpu', 'cuda' or 'mps'")
+    return device
+
+
+# ---- which peer stopped answering -------------------------------------------------------------------------------
+# Each rank records in the process group's store the step it has reached; a collective that times out then names
+# the ranks that are behind (a stopped or hung process cannot update its record).
+
+def _store():
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
+
+
+def heartbeat(step: int) -> None:
+    """Record that this rank reached ``step`` (multi-process runs only; one small store write)."""
     if is_dist():
+        store = _store()
+        if store is not None:
+            store.set(f"unitrans/reached/{rank()}", str(step))
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's timeout (gloo: "Timed out waiting ... for recv")."""
+    return is_dist() and ("timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower())
+
+
+def stall_report(timeout_s: int) -> str:
+    """One line: which ranks stopped answering (those behind this rank's step), read from the store."""
+    store = _store()
+    reached: dict[int, int | None] = {}
+    for r in range(world_size()):
+        key = f"unitrans/reached/{r}"
+        try:  # check() first: get() would wait for a key that a stopped rank never wrote
+            reached[r] = int(store.get(key)) if store is not None and store.check([key]) else None
+        except (RuntimeError, ValueError, LookupError):
+            reached[r] = None
+    mine = reached.get(rank())
+    behind = [r for r, s in reached.items() if r != rank() and (s is None or (mine is not None and s < mine))]
+    where = ", ".join(f"rank {r} at step {s}" for r, s in reached.items())
+    who = (f"rank {', '.join(map(str, behind))} stopped answering" if behind else
+           "a peer stopped answering (no rank is behind in steps)")
+    return (f"{who}: rank {rank()} waited train.timeout_s = {timeout_s} s in a collective ({where}). Check that "
+            "process (stopped, swapping, or stuck in I/O); raise train.timeout_s if a step legitimately takes longer")
+
+
+_abandoned = False
+
+
+def cleanup() -> None:
+    if is_dist() and not _abandoned:
         dist.destroy_process_group()
+
+
+def abandon(exit_code: int = 2) -> None:
+    """After a collective timed out: the group is broken (a peer is stopped), and tearing it down can abort the
+    process ("terminate called without an active exception") or wait on the peer. So it is left as it is, and the
+    process ends with ``exit_code`` without the interpreter's teardown, once the error has been printed."""
+    global _abandoned
+    if _abandoned:
+        return
+    _abandoned = True
+    import atexit
+    import sys
+
+    def hard_exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    atexit.register(hard_exit)
 
 
 def barrier() -> None:

@@ -186,8 +186,9 @@ def load_plugins(modules: Iterable[str]) -> None:
     for m in modules:
         try:
             importlib.import_module(m)
-        except ImportError as exc:
-            raise RegistryError(f"plugin module '{m}' could not be imported: {exc}") from exc
+        except Exception as exc:  # ImportError, but also a SyntaxError or any error the plugin raises on import
+            raise RegistryError(f"plugin module '{m}' could not be imported: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from exc
 
 
 def available(kind_name: str) -> list[str]:

@@ -37,9 +37,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeFloat,
     NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     create_model,
@@ -133,6 +131,20 @@ class ComponentSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+#: Fields a resume may change on purpose (``--allow-change KEY``), and what the change means.
+RESUME_CHANGES: dict[str, str] = {
+    "train.lr": "the new peak lr; the schedule keeps its position, so from the resumed step the lr is the new peak "
+                "times the schedule's factor at that step (warm-up and cosine are not restarted)",
+    "train.weight_decay": "AdamW's decay of the matrices from the resumed step on",
+    "train.grad_clip": "gradient clipping from the resumed step on",
+    "train.epochs": "a new run length; the cosine is recomputed over the new total, so the lr moves to the new "
+                    "curve's value at the resumed step",
+    "train.max_steps": "a new run length, as train.epochs",
+}
+
+
 class TrainSpec(BaseModel):
     """Optimisation settings.
 
@@ -163,6 +175,15 @@ class TrainSpec(BaseModel):
             (PyTorch FSDP: the frozen backbone's blocks sharded across ranks, trainable tensors replicated;
             ``unitrans.engine.strategy``).
         tensorboard (bool): also log to TensorBoard (``output_dir/tb``) when it is installed.
+        schedule (str): ``"cosine_step"`` (the cosine decays every step) or ``"cosine_epoch"`` (BLIP's
+            ``cosine_lr_schedule``: one value per epoch).
+        timeout_s (int): seconds a collective waits for a peer before the run stops naming the rank that stopped
+            answering (multi-process runs).
+        overwrite (bool): a fresh run may replace the run already in ``output_dir`` (its outputs are removed).
+        allow_change (list[str]): on resume, fields that may differ from the checkpoint's spec on purpose
+            (:data:`RESUME_CHANGES`).
+        deterministic (bool | None): deterministic kernels (``torch.use_deterministic_algorithms``), so two runs
+            of one spec give the same bits; ``None``: on the CPU yes (it costs little there), on GPUs no.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -170,12 +191,12 @@ class TrainSpec(BaseModel):
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
-    lr: PositiveFloat = 1e-4
-    weight_decay: NonNegativeFloat = 0.05
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.05
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     grad_accum: PositiveInt = 1
-    grad_clip: PositiveFloat | None = None
+    grad_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_workers: NonNegativeInt = 0
     log_every: PositiveInt = 10
@@ -189,6 +210,27 @@ class TrainSpec(BaseModel):
     find_unused_parameters: bool = True
     strategy: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
+    schedule: Literal["cosine_step", "cosine_epoch"] = "cosine_step"
+    timeout_s: PositiveInt = 300
+    overwrite: bool = False
+    allow_change: list[str] = Field(default_factory=list)
+    deterministic: bool | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return value
+
+    @field_validator("allow_change")
+    @classmethod
+    def _changeable(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v not in RESUME_CHANGES]
+        if bad:
+            raise ValueError(f"{', '.join(repr(b) for b in bad)} cannot change on resume; these can: "
+                             f"{', '.join(RESUME_CHANGES)}")
+        return value
 
     @field_validator("grad_accum")
     @classmethod
@@ -910,5 +952,6 @@ def write_resolved(spec: Spec, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Resolved spec: every default filled, every component version pinned. Rerun with:\n"
     header += f"#   python -m unitrans run {path}\n"
-    path.write_text(header + dump_toml(spec), encoding="utf-8")
-    return path
+    from unitrans.fileio import atomic_write_text
+
+    return atomic_write_text(path, header + dump_toml(spec))

@@ -40,6 +40,7 @@ def launch(command: Sequence[str], nproc_per_node: int, nnodes: str = "1", node_
         lines = []
         for global_rank, f in sorted(failures.items()):
             why = f"exit code {f.exitcode}" if f.exitcode is None or f.exitcode >= 0 else f"signal {-f.exitcode}"
+            why += " (it stopped with the error printed above)" if f.exitcode == 2 else ""
             lines.append(f"rank {global_rank} (local {f.local_rank}) failed with {why}")
         print("error: the distributed run stopped: " + "; ".join(lines) +
               ". The other workers were stopped; see the failing rank's output above.", file=sys.stderr)

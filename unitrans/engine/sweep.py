@@ -279,8 +279,7 @@ def run_one(sweep: Sweep, variant: Variant, seed: int, say=print) -> dict:
     resume = same_spec and (folder / "checkpoints").is_dir()
     spec_file.write_text(text, encoding="utf-8")
     cmd = [sys.executable, "-m", "unitrans", "run", str(spec_file), "--output-dir", str(folder)]
-    if resume:
-        cmd.append("--resume")
+    cmd.append("--resume" if resume else "--overwrite")  # the sweep owns its run folders
     env = dict(os.environ)
     spec_folder = str(sweep.spec_path.resolve().parent)  # a spec's local plugins sit beside it
     env["PYTHONPATH"] = os.pathsep.join([spec_folder] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

@@ -17,10 +17,11 @@ from unitrans.tasks.momentum import FeatureQueue, MomentumCopy, distill_alpha, g
 def sample_negatives(sim: torch.Tensor, positives: torch.Tensor, hard: bool) -> torch.Tensor:
     """One negative column per row of ``sim (B, G)``: by ``softmax(sim)`` (hard) or uniformly, never a positive.
 
-    A row with no negative at all (every candidate shares its image) falls back to a uniform draw.
+    A row with no negative at all (every candidate shares its image) falls back to a uniform draw, as does a row of
+    non-finite similarities (a diverged step: the loop's loss check then stops the run, naming the step).
     """
     weights = F.softmax(sim.float(), dim=1) + 1e-5 if hard else torch.ones_like(sim, dtype=torch.float)
-    weights = weights.masked_fill(positives, 0)
+    weights = weights.nan_to_num(0.0, posinf=0.0, neginf=0.0).masked_fill(positives, 0)
     empty = weights.sum(dim=1) == 0
     if empty.any():
         weights[empty] = 1.0
