@@ -85,6 +85,7 @@ def vqa_v1(
     max_answer_length: Annotated[int, Field(ge=2)] = 10,
     num_beams: PositiveInt = 3,
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+    normalize_answers: bool = False,
 ):
     """Visual question answering on BLIP's encoder-decoder: answer-weighted decoder loss, rank or generate, VQA acc.
 
@@ -92,9 +93,9 @@ def vqa_v1(
     is decoded with a loss weighted by the fraction of humans who gave it (BLIP). Needs
     ``backbone.task_model = "vqa"``; the alignment loss is ignored (``alignment_loss = "none"``).
     Evaluation: ``rank`` (top ``k_test`` answers of the answer list by first-token probability, then by full
-    log-likelihood) or ``generate`` (beam search); ``vqa_acc`` as the official VQA evaluation (x100) where the
-    questions have human answers; writes ``vqa_result_<split>.json`` (``[{question_id, answer}]``, the VQAv2
-    server's format).
+    log-likelihood) or ``generate`` (beam search); ``vqa_acc`` by the official VQA evaluation's rules (x100)
+    where the questions have human answers; writes ``vqa_result_<split>.json`` (``[{question_id, answer}]``, the
+    VQAv2 server's format).
 
     Args:
         inference: ``rank`` over an answer list (BLIP's VQAv2 setting) or free ``generate``.
@@ -103,6 +104,9 @@ def vqa_v1(
         max_answer_length: most tokens of a generated answer, ``[DEC]`` included (BLIP: 10).
         num_beams: beam width of ``generate``.
         label_smoothing: of the training loss (BLIP: 0.1).
+        normalize_answers: ``false``: ``vqa_acc`` by the official rules (human answers processed only where they
+            disagree); ``true``: every human answer normalised as the prediction is (lenient; not the number
+            papers report).
     """
     from pathlib import Path
 
@@ -110,4 +114,4 @@ def vqa_v1(
 
     path = None if answer_list is None else str(Path(answer_list).expanduser().absolute())
     return VQA(inference=inference, k_test=k_test, answer_list=path, max_answer_length=max_answer_length,
-               num_beams=num_beams, label_smoothing=label_smoothing)
+               num_beams=num_beams, label_smoothing=label_smoothing, normalize_answers=normalize_answers)

@@ -69,9 +69,10 @@ class VQA(Task):
     name = "vqa.v1"
 
     def __init__(self, inference="rank", k_test=128, answer_list=None, max_answer_length=10, num_beams=3,
-                 label_smoothing=0.1):
+                 label_smoothing=0.1, normalize_answers=False):
         self.inference, self.k_test, self.answer_list_file = inference, k_test, answer_list
         self.max_answer_length, self.num_beams, self.label_smoothing = max_answer_length, num_beams, label_smoothing
+        self.normalize_answers = normalize_answers  # False: the official VQA rules; True: lenient
 
     def check_backbone(self, backbone) -> None:
         need_decoder(self.name, backbone, encoder=True, fix='Set backbone.task_model = "vqa" '
@@ -157,5 +158,20 @@ class VQA(Task):
         gts = dict(gather_objects(list(gts.items())))
         write_results(output_dir, f"vqa_result_{split}.json", rows)
         if not gts:  # test-dev / test-std: the evaluation server scores vqa_result_<split>.json
+            _say_unscored(len(rows), output_dir, split)
             return {"n_questions": float(len(rows))}
-        return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts)
+        return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts, self.normalize_answers)
+
+
+def _say_unscored(n: int, output_dir, split: str) -> None:
+    """Says why a split without human answers gets no accuracy, and where its answers are (main rank)."""
+    from pathlib import Path
+
+    from unitrans import distributed
+
+    if not distributed.is_main():
+        return
+    where = (f"written to {Path(output_dir) / f'vqa_result_{split}.json'}" if output_dir is not None
+             else f"written to vqa_result_{split}.json in the output folder after training")
+    print(f"[unitrans] vqa: the {split} split has no human answers (as VQAv2 test-dev / test-std): no accuracy "
+          f"here; its {n} answers are {where}, the file the evaluation server scores", flush=True)
