@@ -203,6 +203,7 @@ def _run_quickstart(tmp_path: Path, name: str) -> Path:
 
 
 def test_caption_quickstart_end_to_end_and_score(tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap")  # the `eval` extra: the captioning task's metrics need it
     out = _run_quickstart(tmp_path, "caption")
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"bleu4", "cider"} <= set(metrics) and metrics["steps"] == 3
