@@ -291,3 +291,21 @@ def test_score_command_on_hand_written_files(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["vqa_acc"] == pytest.approx(65.0)
     assert cli.main(["score", "vqa", "--results", str(tmp_path / "missing.json"), "--annotations", str(ann)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+class _AnsweredSplit(_UnansweredSplit):
+    """The same questions, each with ten human answers "two"; the only candidate answer is "2"."""
+
+    answer_list = ["2"]
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "answers": ["two"] * 10}
+
+
+def test_vqa_task_scores_by_the_official_rules_unless_told_to_normalize(vqa_bb):
+    from unitrans.tasks import vqa_v1
+
+    official = vqa_v1(k_test=1).evaluate(vqa_bb, _AnsweredSplit(), 3, collate=_collate)
+    assert official["vqa_acc"] == 0.0 and official["acc"] == 0.0  # "2" is not what the humans wrote
+    lenient = vqa_v1(k_test=1, normalize_answers=True).evaluate(vqa_bb, _AnsweredSplit(), 3, collate=_collate)
+    assert lenient["vqa_acc"] == 100.0 and lenient["acc"] == 100.0
