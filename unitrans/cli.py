@@ -234,6 +234,22 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_score_parser(sub) -> None:
+    """The ``score`` subcommand's arguments."""
+    p = sub.add_parser("score", help="score a results file: caption (BLEU-4, CIDEr) or vqa (VQA accuracy)")
+    p.add_argument("task", choices=("caption", "vqa"), help="caption: captions_<split>.json against a COCO-format "
+                   "ground truth; vqa: vqa_result_<split>.json against BLIP's VQA json (with answer lists) or the "
+                   "official VQA annotation file")
+    p.add_argument("--results", type=Path, required=True, help="the results JSON a run wrote")
+    p.add_argument("--annotations", type=Path, required=True, help="the ground truth JSON")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="vqa: the official questions file that goes with the annotation file (checked against it)")
+    p.add_argument("--normalize", action="store_true",
+                   help="vqa: normalise the human answers as the prediction (lenient; default: the official rules, "
+                   "which process the human answers only where they disagree)")
+    p.set_defaults(func=_cmd_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation tools and tests)."""
     parser = argparse.ArgumentParser(
@@ -289,18 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (save_pretrained layout)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("score", help="score a results file: caption (BLEU-4, CIDEr) or vqa (VQA accuracy)")
-    p.add_argument("task", choices=("caption", "vqa"), help="caption: captions_<split>.json against a COCO-format "
-                   "ground truth; vqa: vqa_result_<split>.json against BLIP's VQA json (with answer lists) or the "
-                   "official VQA annotation file")
-    p.add_argument("--results", type=Path, required=True, help="the results JSON a run wrote")
-    p.add_argument("--annotations", type=Path, required=True, help="the ground truth JSON")
-    p.add_argument("--questions", type=Path, default=None,
-                   help="vqa: the official questions file that goes with the annotation file (checked against it)")
-    p.add_argument("--normalize", action="store_true",
-                   help="vqa: normalise the human answers as the prediction (lenient; default: the official rules, "
-                   "which process the human answers only where they disagree)")
-    p.set_defaults(func=_cmd_score)
+    _add_score_parser(sub)
     return parser
 
 

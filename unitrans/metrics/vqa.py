@@ -271,9 +271,9 @@ def _official_ground_truth(path: str | Path, annotations: list) -> GroundTruth:
     """The official annotation file's ``annotations``: ``answers`` is a list of ``{"answer", ...}`` records."""
     gt = GroundTruth()
     for i, a in enumerate(annotations):
-        records = a.get("answers") if isinstance(a, dict) else None
-        if "question_id" not in (a if isinstance(a, dict) else {}) or not isinstance(records, list):
+        if not isinstance(a, dict) or "question_id" not in a or not isinstance(a.get("answers"), list):
             raise UserError(f"{path}: annotation {i} needs 'question_id' and an 'answers' list")
+        records = a["answers"]
         if not all(isinstance(r, dict) and isinstance(r.get("answer"), str) for r in records):
             raise UserError(f"{path}: annotation {i}: every entry of 'answers' needs a string 'answer'")
         q = json_id(a["question_id"])
