@@ -104,3 +104,45 @@ def test_missing_references_named():
         caption_metrics({1: "a man", 99: "a dog"}, REFS)
     with pytest.raises(UserError):
         caption_metrics({}, REFS)
+
+
+# ---- unitrans score caption --------------------------------------------------------------------------------------
+def _caption_files(tmp_path, results: list[tuple]):
+    import json
+
+    gt = {"images": [{"id": i} for i in REFS],
+          "annotations": [{"image_id": i, "id": 10 * i + k, "caption": c} for i, refs in REFS.items()
+                          for k, c in enumerate(refs)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in results]))
+    return tmp_path / "res.json", tmp_path / "gt.json"
+
+
+def test_score_caption_reports_coverage_and_warns(tmp_path, capsys):
+    import json
+
+    from unitrans import cli
+
+    res, gt = _caption_files(tmp_path, [(1, CANDS[1]), (2, CANDS[2])])
+    assert cli.main(["score", "caption", "--results", str(res), "--annotations", str(gt)]) == 0
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    expected = caption_metrics({1: CANDS[1], 2: CANDS[2]}, REFS)
+    assert metrics["cider"] == pytest.approx(expected["cider"]) and metrics["bleu4"] == pytest.approx(expected["bleu4"])
+    assert (metrics["n_scored"], metrics["n_total"], metrics["coverage"]) == (2, 4, 0.5)
+    assert out.err == ("warning: the results cover 2 of the 4 images of the ground truth (50.0%); the scores are "
+                       "over those 2 only and are not comparable with scores over the whole split\n")
+    res, gt = _caption_files(tmp_path, list(CANDS.items()))
+    assert cli.main(["score", "caption", "--results", str(res), "--annotations", str(gt)]) == 0
+    assert json.loads(capsys.readouterr().out)["coverage"] == 1.0
+
+
+def test_score_caption_refuses_an_image_captioned_twice(tmp_path, capsys):
+    from unitrans import cli
+
+    res, gt = _caption_files(tmp_path, [(1, CANDS[1]), (42, "a circle"), (2, CANDS[2]), ("42", "a square")])
+    assert cli.main(["score", "caption", "--results", str(res), "--annotations", str(gt)]) == 2
+    assert capsys.readouterr().err == (f"error: {res}: image_id 42 appears twice (entries 1 and 3); a results file "
+                                       "holds one answer per image\n")
+    assert cli.main(["score", "caption", "--results", str(res), "--annotations", str(gt), "--normalize"]) == 2
+    assert "--questions and --normalize are for score vqa" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_backbone
+from metric_checks import official_vqa_accuracy
 from unitrans import cli
 from unitrans.errors import UserError
 
@@ -97,6 +98,39 @@ def test_vqa_generate_and_training_loss(vqa_bb):
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
+class _UnansweredSplit(torch.utils.data.Dataset):
+    """Three questions without human answers (as VQAv2 test-dev), with an answer list."""
+
+    answer_list = CANDIDATES
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.randn(3, 64, 64, generator=g), "question": "what color is it?", "question_id": 10 + i,
+                "answers": []}
+
+
+def _collate(items):
+    return {"image": torch.stack([x["image"] for x in items]), **{k: [x[k] for x in items] for k in
+                                                                   ("question", "question_id", "answers")}}
+
+
+def test_vqa_split_without_answers_says_where_its_answers_are(vqa_bb, tmp_path, capsys):
+    from unitrans.tasks.vqa import VQA
+
+    task = VQA(k_test=4)
+    metrics = task.evaluate(vqa_bb, _UnansweredSplit(), 2, collate=_collate, output_dir=tmp_path, split="test")
+    assert metrics == {"n_questions": 3.0}
+    out = capsys.readouterr().out
+    path = tmp_path / "vqa_result_test.json"
+    assert f"its 3 answers are written to {path}, the file the evaluation server scores" in out
+    assert "no human answers" in out and [r["question_id"] for r in json.loads(path.read_text())] == [10, 11, 12]
+    task.evaluate(vqa_bb, _UnansweredSplit(), 2, collate=_collate, output_dir=None, split="test")
+    assert "written to vqa_result_test.json in the output folder after training" in capsys.readouterr().out
+
+
 def test_caption_generation_strips_the_prompt(caption_bb):
     from unitrans.tasks.captioning import Captioning
 
@@ -117,15 +151,32 @@ def test_caption_generation_strips_the_prompt(caption_bb):
 
 
 def test_caption_training_masks_the_prompt(caption_bb):
+    """The LM loss is the mean negative log-likelihood of the caption's tokens and [SEP] only: not of [DEC] and
+    the prompt, nor of padding (captions of different lengths), computed here caption by caption."""
     from unitrans.tasks.captioning import Captioning
 
-    pixel = torch.randn(2, 3, caption_bb.image_size, caption_bb.image_size)
     task = Captioning(label_smoothing=0.0)
-    loss = task.training_step(caption_bb, {"image": pixel, "caption": ["a red circle", "two blue squares"]}, None)
-    assert set(loss) == {"lm_loss"} and torch.isfinite(loss["lm_loss"])
-    # only the caption tokens and [SEP] count: changing the prompt's words in the input changes nothing masked
-    ids = caption_bb.tokenizer(["a picture of a red circle"])["input_ids"][0]
-    assert len(task.prompt_ids(caption_bb)) == 4 and len(ids) - 4 == 4  # [DEC] a picture of | a red circle [SEP]
+    captions = ["a red circle", "two blue squares left of a small star"]
+    pixel = torch.randn(2, 3, caption_bb.image_size, caption_bb.image_size, generator=torch.Generator().manual_seed(5))
+    loss = task.training_step(caption_bb, {"image": pixel, "caption": captions}, None)
+    assert set(loss) == {"lm_loss"}
+    n_prompt = len(task.prompt_ids(caption_bb))  # [DEC] a picture of
+    assert n_prompt == 4
+    with torch.no_grad():
+        image_embeds = caption_bb.encode_image(pixel)
+    caption_nll, prompt_nll = [], []
+    for b, caption in enumerate(captions):
+        ids = caption_bb.tokenizer([task.prompt + caption], return_tensors="pt")["input_ids"]  # no padding
+        ids[:, 0] = caption_bb.bos_token_id
+        with torch.no_grad():
+            logits = caption_bb.model.text_decoder(input_ids=ids, encoder_hidden_states=image_embeds[b:b + 1]).logits
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        for t in range(ids.shape[1] - 1):  # position t predicts token t + 1
+            (prompt_nll if t + 1 < n_prompt else caption_nll).append(-float(logp[t, ids[0, t + 1]]))
+    assert len(caption_nll) == sum(len(caption_bb.tokenizer.tokenize(c)) + 1 for c in captions)  # pieces, [SEP]
+    assert float(loss["lm_loss"]) == pytest.approx(sum(caption_nll) / len(caption_nll), rel=1e-5)
+    unmasked = (sum(caption_nll) + sum(prompt_nll)) / (len(caption_nll) + len(prompt_nll))
+    assert float(loss["lm_loss"]) != pytest.approx(unmasked, rel=1e-3)  # the prompt's tokens would change it
 
 
 def test_tasks_refuse_backbones_without_a_decoder(caption_bb):
@@ -197,6 +248,7 @@ def _run_quickstart(tmp_path: Path, name: str) -> Path:
 
 
 def test_caption_quickstart_end_to_end_and_score(tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap")  # the `eval` extra: the captioning task's metrics need it
     out = _run_quickstart(tmp_path, "caption")
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"bleu4", "cider"} <= set(metrics) and metrics["steps"] == 3
@@ -213,11 +265,11 @@ def test_caption_quickstart_end_to_end_and_score(tmp_path, capsys):
 def test_vqa_quickstart_end_to_end_and_score(tmp_path, capsys):
     out = _run_quickstart(tmp_path, "vqa")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "vqa_acc" in metrics and 0.0 <= metrics["vqa_acc"] <= 100.0
+    ann = tmp_path / "data" / "vqa_test.json"
+    assert metrics["vqa_acc"] == pytest.approx(official_vqa_accuracy(out / "vqa_result_test.json", ann))
     rows = json.loads((out / "vqa_result_test.json").read_text())
     assert rows and all(set(r) == {"question_id", "answer"} for r in rows)
     capsys.readouterr()
-    ann = tmp_path / "data" / "vqa_test.json"
     assert cli.main(["score", "vqa", "--results", str(out / "vqa_result_test.json"), "--annotations", str(ann)]) == 0
     assert json.loads(capsys.readouterr().out)["vqa_acc"] == pytest.approx(metrics["vqa_acc"])
 
@@ -233,3 +285,21 @@ def test_score_command_on_hand_written_files(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["vqa_acc"] == pytest.approx(65.0)
     assert cli.main(["score", "vqa", "--results", str(tmp_path / "missing.json"), "--annotations", str(ann)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+class _AnsweredSplit(_UnansweredSplit):
+    """The same questions, each with ten human answers "two"; the only candidate answer is "2"."""
+
+    answer_list = ["2"]
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "answers": ["two"] * 10}
+
+
+def test_vqa_task_scores_by_the_official_rules_unless_told_to_normalize(vqa_bb):
+    from unitrans.tasks import vqa_v1
+
+    official = vqa_v1(k_test=1).evaluate(vqa_bb, _AnsweredSplit(), 3, collate=_collate)
+    assert official["vqa_acc"] == 0.0 and official["acc"] == 0.0  # "2" is not what the humans wrote
+    lenient = vqa_v1(k_test=1, normalize_answers=True).evaluate(vqa_bb, _AnsweredSplit(), 3, collate=_collate)
+    assert lenient["vqa_acc"] == 100.0 and lenient["acc"] == 100.0

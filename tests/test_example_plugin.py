@@ -89,7 +89,10 @@ def test_toy_backbone_runs_end_to_end(installed_toy_plugin, tmp_path, adapter):
     out = tmp_path / "run"
     assert cli.main(["run", str(spec), "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and 0.0 <= metrics["r_mean"] <= 100.0
+    assert metrics["steps"] == 2
+    from metric_checks import check_retrieval_metrics
+
+    check_retrieval_metrics(metrics, tmp_path / "data" / "test.json")
     resolved = (out / "spec.resolved.toml").read_text()
     assert 'name = "toy.v1"' in resolved and "vocab_size = 1024" in resolved  # the builder's defaults, pinned
     params = json.loads((out / "params.json").read_text())

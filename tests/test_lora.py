@@ -14,8 +14,13 @@ from conftest import CAPTIONS, build_spec, make_inputs, randomise_, retrieval_fo
 from unitrans.adapters import lora_v1
 from unitrans.interfaces import InjectionPoint, match_points
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def peft():
+    """PEFT, the oracle of the tests that compare against it (those tests skip where it is not installed)."""
+    return pytest.importorskip("peft")
 
 
 def _key(point: InjectionPoint) -> str:
@@ -38,7 +43,7 @@ def _points_of(model: nn.Sequential) -> list[InjectionPoint]:
     return pts
 
 
-def test_lora_equals_peft_lora_on_a_small_mlp():
+def test_lora_equals_peft_lora_on_a_small_mlp(peft):
     ours_model = _mlp()
     for p in ours_model.parameters():
         p.requires_grad_(False)
@@ -62,7 +67,7 @@ def test_lora_equals_peft_lora_on_a_small_mlp():
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
-def test_lora_equals_peft_lora_on_the_tiny_blip_text_encoder():
+def test_lora_equals_peft_lora_on_the_tiny_blip_text_encoder(peft):
     bb = tiny_backbone()
     ref_encoder = copy.deepcopy(bb.model.text_encoder)
     ref = peft.get_peft_model(ref_encoder, peft.LoraConfig(

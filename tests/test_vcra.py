@@ -12,8 +12,14 @@ from conftest import make_inputs, randomise_, retrieval_forward, tiny_backbone
 from unitrans.adapters import vcra_v1
 from unitrans.interfaces import InjectionPoint, match_points
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def peft():
+    """PEFT, the oracle of the tests that compare against it (those tests skip where it is not installed)."""
+    return pytest.importorskip("peft")
+
 
 ALL_TARGETS = ["vision.attn.*", "vision.mlp.*", "text.attn.*", "text.mlp.fc1", "fusion.attn.*"]
 
@@ -163,7 +169,7 @@ def _linear_stack(widths, seed=0) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("widths", [(16, 16, 16, 16), (12, 16, 8, 10)], ids=["equal", "unequal"])
-def test_vcra_with_one_shared_pair_equals_peft_vera(widths):
+def test_vcra_with_one_shared_pair_equals_peft_vera(widths, peft):
     model = _linear_stack(widths)
     idx = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
     ref = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(

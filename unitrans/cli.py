@@ -234,15 +234,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    """Score a results file against annotations and print the metrics as JSON (no torch)."""
+    """Score a results file against annotations and print the metrics as JSON (no torch); warn on stderr when
+    the results cover only part of the ground truth."""
     import json
 
+    from unitrans.metrics.files import coverage_warning
+
     if args.task == "caption":
+        if args.questions is not None or args.normalize:
+            raise UserError("score caption: --questions and --normalize are for score vqa")
         from unitrans.metrics.caption import score_files
+
+        metrics, items = score_files(args.results, args.annotations), "images"
     else:
         from unitrans.metrics.vqa import score_files
-    metrics = score_files(args.results, args.annotations)
+
+        metrics = score_files(args.results, args.annotations, args.questions, normalize=args.normalize)
+        items = "annotated questions"
     print(json.dumps(metrics, indent=2))
+    warning = coverage_warning(metrics, items)
+    if warning:
+        _err(warning)
     return EXIT_OK
 
 
@@ -276,6 +288,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous (multi-node)")
     p.add_argument("--rdzv-backend", default="c10d", help="torchrun: rendezvous backend")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts of the worker group")
+
+
+def _add_score_parser(sub) -> None:
+    """The ``score`` subcommand's arguments."""
+    p = sub.add_parser("score", help="score a results file: caption (BLEU-4, CIDEr) or vqa (VQA accuracy)")
+    p.add_argument("task", choices=("caption", "vqa"), help="caption: captions_<split>.json against a COCO-format "
+                   "ground truth; vqa: vqa_result_<split>.json against BLIP's VQA json (with answer lists) or the "
+                   "official VQA annotation file")
+    p.add_argument("--results", type=Path, required=True, help="the results JSON a run wrote")
+    p.add_argument("--annotations", type=Path, required=True, help="the ground truth JSON")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="vqa: the official questions file that goes with the annotation file (checked against it)")
+    p.add_argument("--normalize", action="store_true",
+                   help="vqa: normalise the human answers as the prediction (lenient; default: the official rules, "
+                   "which process the human answers only where they disagree)")
+    p.set_defaults(func=_cmd_score)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,12 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (save_pretrained layout)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("score", help="score a results file: caption (BLEU-4, CIDEr) or vqa (VQA accuracy)")
-    p.add_argument("task", choices=("caption", "vqa"), help="caption: captions_<split>.json against a COCO-format "
-                   "ground truth; vqa: vqa_result_<split>.json against BLIP's VQA json (with answer lists)")
-    p.add_argument("--results", type=Path, required=True, help="the results JSON a run wrote")
-    p.add_argument("--annotations", type=Path, required=True, help="the ground truth JSON")
-    p.set_defaults(func=_cmd_score)
+    _add_score_parser(sub)
     return parser
 
 

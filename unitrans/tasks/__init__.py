@@ -113,9 +113,10 @@ class VQAOptions(Options):
     ``QuestionEncoder`` and ``EncoderDecoder`` capabilities (BLIP: ``backbone.task_model = "vqa"``); the alignment
     loss is ignored (``alignment_loss = "none"``).
     Evaluation: ``rank`` (top ``k_test`` answers of the answer list by first-token probability, then by full
-    log-likelihood) or ``generate`` (beam search); ``vqa_acc`` as the official VQA evaluation (x100) where the
-    questions have human answers; writes ``vqa_result_<split>.json`` (``[{question_id, answer}]``, the VQAv2
-    server's format).
+    log-likelihood) or ``generate`` (beam search); ``vqa_acc`` by the official VQA evaluation's rules (x100)
+    where the questions have human answers; writes ``vqa_result_<split>.json`` (``[{question_id, answer}]``, the
+    VQAv2 server's format).
+
     """
 
     inference: Literal["rank", "generate"] = "rank"
@@ -130,6 +131,9 @@ class VQAOptions(Options):
     """beam width of ``generate``."""
     label_smoothing: Probability = 0.1
     """of the training loss (BLIP: 0.1)."""
+    normalize_answers: bool = False
+    """``false``: ``vqa_acc`` by the official rules (human answers processed only where they disagree); ``true``:
+    every human answer normalised as the prediction is (lenient; not the number papers report)."""
 
 
 @registry.tasks.register("vqa.v1")

@@ -129,5 +129,20 @@ class VQA(Task):
         gts = dict(decoding.concat_across_ranks(list(gts.items())))
         decoding.write_rows(output_dir, f"vqa_result_{split}.json", rows)
         if not gts:  # test-dev / test-std: the evaluation server scores vqa_result_<split>.json
+            _say_unscored(len(rows), output_dir, split)
             return {"n_questions": float(len(rows))}
-        return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts)
+        return vqa_metrics({r["question_id"]: r["answer"] for r in rows}, gts, self.options.normalize_answers)
+
+
+def _say_unscored(n: int, output_dir, split: str) -> None:
+    """Says why a split without human answers gets no accuracy, and where its answers are (main rank)."""
+    from pathlib import Path
+
+    from unitrans import distributed
+
+    if not distributed.is_main():
+        return
+    where = (f"written to {Path(output_dir) / f'vqa_result_{split}.json'}" if output_dir is not None
+             else f"written to vqa_result_{split}.json in the output folder after training")
+    print(f"[unitrans] vqa: the {split} split has no human answers (as VQAv2 test-dev / test-std): no accuracy "
+          f"here; its {n} answers are {where}, the file the evaluation server scores", flush=True)
