@@ -64,7 +64,7 @@ def _step(module, built, batch):
 def test_sharded_step_equals_the_plain_step(one_rank_group, checkpointing):
     from torch.distributed.tensor import DTensor
 
-    from unitrans.engine.run import _StepModule
+    from unitrans.engine.loop import _StepModule
     from unitrans.engine.strategy import ShardedStep, shard_units
 
     built, plain_built = _built(checkpointing), _built()
@@ -90,7 +90,7 @@ def test_sharded_step_equals_the_plain_step(one_rank_group, checkpointing):
 def test_sharded_step_in_bf16_follows_the_fp32_step(one_rank_group):
     """Mixed precision: the blocks compute in bf16 (FSDP's policy), the adapters' gradients stay float32 and point
     where the float32 step's do (cosine > 0.95; bf16 keeps 8 bits of mantissa)."""
-    from unitrans.engine.run import _StepModule
+    from unitrans.engine.loop import _StepModule
     from unitrans.engine.strategy import ShardedStep
 
     built, plain_built = _built(), _built()

@@ -23,6 +23,7 @@ from unitrans.engine import outdir
 from unitrans.engine.build import build, count_parameters
 from unitrans.engine.checkpoint import base_identity, disk_full, save_adapter
 from unitrans.engine.loop import TrainingError, evaluate, format_metrics, lr_lambda, say, task_hook, train
+from unitrans.engine.preflight import check_data
 from unitrans.errors import UserError
 from unitrans.fileio import atomic_write_json
 
@@ -79,6 +80,7 @@ def run(spec) -> dict:
     device = dist.init_from_env(spec.train.device, timeout_s=spec.train.timeout_s)
     folder, kernels = None, _deterministic_kernels(spec.train, device)
     try:
+        check_data(spec, world=dist.world_size())  # every data problem at once, before any file or model
         folder = outdir.claim(spec, main=dist.is_main())
         return _run(spec, device, folder)
     except UserError as exc:
@@ -134,7 +136,6 @@ def _worker_error(exc: UserError) -> UserError:
 
 def _run(spec, device: torch.device, folder: outdir.RunFolder) -> dict:
     """The run, once the output folder is this run's: data pre-flight, build, train, evaluate, write."""
-    from unitrans.engine.preflight import check_data
     from unitrans.spec import write_resolved
 
     dist.barrier()  # the main rank has claimed the folder (lock, checks, run id)
@@ -142,7 +143,6 @@ def _run(spec, device: torch.device, folder: outdir.RunFolder) -> dict:
         folder = outdir.join(spec, folder)
     for note in folder.notes:
         say(note)
-    check_data(spec, world=dist.world_size())  # every data problem at once, before any model is built
     out = folder.path
     if dist.is_main():
         write_resolved(spec, out / "spec.resolved.toml")
