@@ -166,7 +166,7 @@ def test_caption_training_masks_the_prompt(caption_bb):
         image_embeds = caption_bb.encode_image(pixel)
     caption_nll, prompt_nll = [], []
     for b, caption in enumerate(captions):
-        ids = caption_bb.tokenizer([task.prompt + caption], return_tensors="pt")["input_ids"]  # no padding
+        ids = caption_bb.tokenizer([task.options.prompt + caption], return_tensors="pt")["input_ids"]  # no padding
         ids[:, 0] = caption_bb.bos_token_id
         with torch.no_grad():
             logits = caption_bb.model.text_decoder(input_ids=ids, encoder_hidden_states=image_embeds[b:b + 1]).logits

@@ -3,6 +3,8 @@ keeps its small shapes vocabulary and says once when a text falls apart into sin
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -58,12 +60,49 @@ def test_tiny_preset_says_once_when_text_falls_apart_into_letters(capsys):
 
 
 def test_tiny_preset_watches_the_decoder_too(capsys):
-    from unitrans.tasks.captioning import decoder_tokenize
     from unitrans_blip.backbone import BlipBackbone
 
     bb = BlipBackbone(preset="tiny", task_model="captioning")
-    ids, mask = decoder_tokenize(bb, ["a picture of " + REAL], "cpu")
+    ids, mask = bb.decoder_tokenize(["a picture of " + REAL], "cpu")
     with torch.no_grad():
         bb.model.text_decoder(input_ids=ids, attention_mask=mask,
                               encoder_hidden_states=bb.encode_image(torch.zeros(1, 3, 64, 64)))
     assert "splits text into single letters" in capsys.readouterr().err
+
+
+def _generated_texts(root) -> set[str]:
+    """Every caption, question and answer the project's generators write (images, VQA, video)."""
+    import json
+
+    from unitrans.data.shapes_tasks import make_shapes_vqa
+    from unitrans.data.shapes_video import make_shapes_video
+
+    paths = {**make_shapes_vqa(root / "img", n_train=400, n_val=20, n_test=20, image_size=32),
+             **make_shapes_video(root / "vid", n_train=60, n_val=4, n_test=4, num_frames=2, image_size=32)}
+    texts: set[str] = set()
+
+    def walk(value, key=None):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and key in ("caption", "question", "answer", None):
+            texts.add(value)
+
+    for path in paths.values():
+        if str(path).endswith(".json"):
+            walk(json.loads(open(path).read()))
+    return texts
+
+
+def test_every_word_the_generators_write_is_one_token_of_the_tiny_vocabulary(tmp_path):
+    """Otherwise the tiny preset reads the project's own data letter by letter (and warns on every quickstart)."""
+    from unitrans_blip.backbone import BlipBackbone
+
+    tok = BlipBackbone(preset="tiny").tokenizer
+    texts = _generated_texts(tmp_path)
+    assert len(texts) > 100
+    split = sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower()) if len(tok.tokenize(w)) > 1})
+    assert split == []

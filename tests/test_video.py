@@ -257,11 +257,11 @@ def test_temporal_embedding_is_identity_at_init_and_sees_order():
     torch.testing.assert_close(temporal.encode_image(video), plain.encode_image(video), atol=0, rtol=0)
     reverse = video.flip(1)
     # without it the mean [CLS] feature is blind to the frames' order ...
-    torch.testing.assert_close(plain.image_feat(plain.encode_image(video)),
-                               plain.image_feat(plain.encode_image(reverse)), atol=1e-5, rtol=1e-5)
+    noise = (plain.image_feat(plain.encode_image(video)) - plain.image_feat(plain.encode_image(reverse))).abs().max()
+    assert noise < 1e-5  # float rounding of the mean's order only
     temporal.model.temporal_embedding.normal_(std=1.0)  # ... with a trained one it is not
     diff = temporal.image_feat(temporal.encode_image(video)) - temporal.image_feat(temporal.encode_image(reverse))
-    assert diff.abs().max() > 1e-3
+    assert diff.abs().max() > 100 * noise + 1e-5
     with pytest.raises(Exception, match="max_frames"):
         temporal.encode_image(torch.zeros(1, 9, 3, 64, 64))
 
