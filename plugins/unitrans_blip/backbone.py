@@ -116,6 +116,9 @@ class BlipBackbone(Backbone):
     """
 
     name = "blip.v1"
+    # ``fuse`` takes image tokens of batch 1 for a batch of texts: BLIP's cross-attention broadcasts the keys and
+    # values over the batch, so one image's are computed once for all its candidate texts (ITM re-ranking).
+    fuse_broadcasts_image = True
 
     def __init__(
         self,
@@ -293,7 +296,8 @@ class BlipBackbone(Backbone):
         return F.normalize(self.model.text_proj(text_embeds[:, 0, :]), dim=-1)
 
     def fuse(self, input_ids, attention_mask, image_embeds, image_atts=None) -> torch.Tensor:
-        """Text encoder in multimodal mode (BLIP's ITM input: first token replaced by ``[ENC]``): ``(B, L, Dt)``."""
+        """Text encoder in multimodal mode (BLIP's ITM input: first token replaced by ``[ENC]``): ``(B, L, Dt)``.
+        ``image_embeds`` is ``(B, N, Dv)``, or ``(1, N, Dv)``: one image for all B texts."""
         ids = input_ids.clone()
         ids[:, 0] = self.enc_token_id
         if image_atts is None:
