@@ -6,16 +6,17 @@ data-set sizes, with VCRA + QASN attached (``--adapters none``: the frozen backb
 
 Each data-set size runs in its own interpreter on the BLIP-base architecture (random init), in eval mode under
 ``no_grad`` (and bf16 autocast with ``--bf16``). Image tokens ``(I, N, Dv)`` and ITC similarities are synthetic
-(re-ranking does not depend on their values); there are 5 captions per image, and the queries are the images
-(image -> text re-ranking, ``I x k`` pairs). FLOPs (``FlopCounterMode``, exact): a pair's text side and an
-image's side are counted on one and two texts fused with one image; a pair costs text + image / (texts sharing
-the image's keys and values).
+(re-ranking does not depend on their values); there are 5 captions per image (and at least k_test texts), and
+the queries are the images (image -> text re-ranking, ``I x k`` pairs). FLOPs (``FlopCounterMode``, exact): a
+pair's text side and an image's side are counted on one and two texts fused with one image; a pair costs text +
+image / (texts sharing the image's keys and values).
 Memory: peak RSS sampled every 2 ms during the call, minus the RSS just before it. The naive loop scores the first
 ``--naive-pairs`` pairs only (its rate does not depend on how many).
 
   python benchmarks/retrieval_eval.py                                   # 2-core CPU default, 2 layers
   python benchmarks/retrieval_eval.py --layers 12 --image-size 384 --sizes 2 --k 128 --itm-batch 128 --naive-pairs 0
-  python benchmarks/retrieval_eval.py --layers 12 --image-size 384 --sizes 64 --k 128 --itm-batch 128 --device cuda --bf16
+  python benchmarks/retrieval_eval.py --layers 12 --image-size 384 --sizes 64 --k 128 --itm-batch 128 --device cuda \
+      --bf16
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def worker(job: dict) -> None:
     n_tok = (job["image_size"] // cfg.patch_size) ** 2 + 1
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(n_img, n_tok, cfg.hidden_size, generator=g)  # (I, N, Dv) on the CPU, as evaluate keeps it
-    texts = [C.CAPTIONS[(i * 3 + j) % len(C.CAPTIONS)] for i in range(n_img) for j in range(5)]
+    n_txt = max(5 * n_img, max(job["k"]))  # 5 captions per image, and at least k_test candidates per query
+    texts = [C.CAPTIONS[(i * 3 + j) % len(C.CAPTIONS)] for i in range(n_txt // 5 + 1) for j in range(5)][:n_txt]
     tok = bb.tokenize(texts, "cpu")
     sims = torch.randn(n_img, len(texts), generator=g)  # (I, T)
     results = []
@@ -92,7 +94,7 @@ def worker(job: dict) -> None:
         bb.itm_logits(bb.fuse(tok["input_ids"][:2].to(dev), tok["attention_mask"][:2].to(dev),
                               embeds[:2].to(dev)))  # warm-up
         text, image = pair_flops(bb, tok, embeds, dev)
-        for k in job["k"]:
+        for k in [min(k, n_txt) for k in job["k"]]:
             task.k_test = k
             for label, broadcast in PATHS:
                 bb.fuse_broadcasts_image = broadcast
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
     estimate = flickr30k_estimate(raw[0], rows, args.itm_batch)
     print(estimate["text"])
     payload = {"setting": vars(args), "header": header, "machine": C.machine(), "rows": rows,
-               "flickr30k": estimate,
+               "flickr30k": estimate, "pair_gflop": [{k: r[k] for k in ("size", "text_tokens", "image_tokens",
+                                                                     "text_gflop", "image_gflop")} for r in raw],
                "wall_s": time.time() - t_start, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     path = C.write_json(f"retrieval_eval_{args.device.split(':')[0]}{'_' + args.tag if args.tag else ''}.json",
                         payload)

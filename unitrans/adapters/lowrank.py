@@ -32,8 +32,7 @@ Head = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 def _fold(b: torch.Tensor, head: Head) -> torch.Tensor:
     """``s · diag(λb) B[:d_out] diag(λa)``: ``(d_out, r)``, in the parameters' dtype."""
     la, lb, s = head
-    scale = lb if s is None else lb * s
-    return b[: lb.shape[0]] * la * scale[:, None]
+    return b[: lb.shape[0]] * torch.outer(lb if s is None else lb * s, la)
 
 
 def _stacked(b: torch.Tensor, heads: Sequence[Head], order: Sequence[int]) -> torch.Tensor:
@@ -129,32 +128,28 @@ def project(x: torch.Tensor, a: torch.Tensor, d_in: int, shared: bool = False) -
     return ax
 
 
-def _head_grads(gw: torch.Tensor, b: torch.Tensor, heads: Sequence[Head], rows: Sequence[int],
+def _head_grads(gw: torch.Tensor, b: torch.Tensor, heads: Sequence[Head], order: Sequence[int],
                 needs: Sequence[bool]) -> list:
-    """Gradients of ``flat = (λa, λb, s) per head`` and of ``B`` (last) from ``gw = gᵀ ax`` (``(Σ d_out, r)``)."""
-    per_head: list[torch.Tensor | None] = [None] * len(heads)
-    start = 0
-    for i in rows:  # a head used by several row blocks (kv twice) sums their gradients
-        d = heads[i][1].shape[0]
-        part = gw[start:start + d]
-        per_head[i] = part if per_head[i] is None else per_head[i] + part
-        start += d
-    out: list = []
-    g_b = torch.zeros_like(b) if b.requires_grad else None
-    for i, (la, lb, s) in enumerate(heads):
-        gh, d = per_head[i], lb.shape[0]
-        if gh is None:
-            out += [None, None, None]
-            continue
+    """Gradients of ``flat = (λa, λb, s) per head`` and of ``B`` (last) from ``gw = gᵀ ax`` (``(Σ d_out, r)``, one
+    block per head of ``order``, each head once). Per head, with ``G`` its block and ``t = G ⊙ B``:
+    ``dλa = (s λb)ᵀ t``, ``dλb = s · t λa``, ``ds = λbᵀ t λa``, ``dB += G ⊙ (s λb) λaᵀ``: few small kernels."""
+    out: list = [None] * (3 * len(heads))
+    g_b = None
+    for i, gh in zip(order, torch.split(gw, [heads[i][1].shape[0] for i in order])):  # (d, r) each
+        la, lb, s = heads[i]
+        d = lb.shape[0]
         scale = lb if s is None else lb * s
-        bh = b[:d]
-        gb_scaled = gh * bh  # (d, r)
-        out.append((gb_scaled * scale[:, None]).sum(0).to(la.dtype) if needs[3 * i] else None)
-        g_lb = (gb_scaled * la).sum(1)
-        out.append((g_lb if s is None else g_lb * s).to(lb.dtype) if needs[3 * i + 1] else None)
-        out.append((g_lb * lb).sum().to(s.dtype) if s is not None and needs[3 * i + 2] else None)
-        if g_b is not None:
-            g_b[:d] += gh * la * scale[:, None]
+        t = gh * b[:d]
+        t_la = t @ la  # (d,)
+        out[3 * i] = (scale @ t).to(la.dtype) if needs[3 * i] else None
+        out[3 * i + 1] = (t_la if s is None else t_la * s).to(lb.dtype) if needs[3 * i + 1] else None
+        out[3 * i + 2] = (lb @ t_la).to(s.dtype) if s is not None and needs[3 * i + 2] else None
+        if b.requires_grad:
+            part = gh * torch.outer(scale, la)
+            if g_b is None:
+                g_b = part if d == b.shape[0] else torch.cat([part, part.new_zeros(b.shape[0] - d, part.shape[1])])
+            else:
+                g_b[:d] += part
     out.append(g_b)
     return out
 
