@@ -207,9 +207,19 @@ def table7(train: dict) -> str:
 
 
 def run_suite(smoke: bool, device: str, budget_s: float) -> dict:
+    """Every section; the preset's depth is cut for the run and restored after it (the suite may run in-process)."""
+    from unitrans_blip import backbone as blip
+
     size = SMOKE_SIZE if smoke else FULL_SIZE
-    budget = Budget(budget_s)
-    result: dict = {"size": size, "device": device, "smoke": smoke, "machine": C.machine()}
+    saved = dict(blip.PRESETS[size["preset"]])
+    try:
+        return _sections(size, device, Budget(budget_s))
+    finally:
+        blip.PRESETS[size["preset"]] = saved
+
+
+def _sections(size: dict, device: str, budget: Budget) -> dict:
+    result: dict = {"size": size, "device": device, "smoke": size is SMOKE_SIZE, "machine": C.machine()}
     result["train"] = train_section(size, device, budget)
     consume = next((r["images_per_s"] for r in result["train"]["rows"]
                     if r["config"] == "vcra+qasn+mcam" and r["precision"] == "bf16"), None)

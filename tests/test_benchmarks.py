@@ -19,9 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_gpu_suite_smoke_writes_every_section(tmp_path):
     import gpu_suite
+    from unitrans_blip import backbone as blip
 
+    before = {k: dict(v) for k, v in blip.PRESETS.items()}
     out = tmp_path / "suite.json"
     assert gpu_suite.main(["--smoke", "--out", str(out)]) == 0
+    assert blip.PRESETS == before  # the suite cut the tiny preset's depth in this process and put it back
     res = json.loads(out.read_text())
     rows = res["train"]["rows"]
     assert {(r["config"], r["precision"]) for r in rows} == {(c, p) for c in gpu_suite.TRAIN_CONFIGS
