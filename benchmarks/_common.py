@@ -111,45 +111,114 @@ def sync(device: str) -> None:
 
 
 # ---- subprocess workers ----------------------------------------------------------------------------------------
+class WorkerDied(RuntimeError):
+    """A worker interpreter ended without answering; the message names it and the cause (signal, OOM killer)."""
+
+
+def oom_kills() -> int | None:
+    """The kernel OOM killer's kill count for this machine's memory cgroup (v2 ``memory.events`` or v1
+    ``memory.oom_control``), or ``None`` where neither is readable."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def exit_cause(returncode: int | None, oom_before: int | None) -> str:
+    """Why a worker ended, in words: its exit status or signal, and whether the OOM killer acted meanwhile."""
+    import signal
+
+    if returncode is None:
+        return "still running"
+    if returncode >= 0:
+        text = f"exit status {returncode}"
+    else:
+        try:
+            text = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            text = f"killed by signal {-returncode}"
+    after = oom_kills()
+    if oom_before is not None and after is not None and after > oom_before:
+        text += f" (out of memory: the kernel's OOM killer killed {after - oom_before} process(es) meanwhile)"
+    elif returncode == -9:
+        text += " (SIGKILL: most often the kernel's OOM killer; no cgroup OOM count was readable to confirm)"
+    return text
+
+
 def run_worker(script: Path, job: dict, timeout: float = 1800) -> dict:
     """Run ``script --worker JSON`` in a fresh interpreter (clean RSS, no allocator reuse between configs)."""
-    proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True,
-                          text=True, timeout=timeout)
+    before = oom_kills()
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WorkerDied(f"worker {job.get('name', job)} timed out after {timeout:.0f} s and was killed") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {job.get('name')} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise WorkerDied(f"worker {job.get('name', job)} failed: {exit_cause(proc.returncode, before)}\n"
+                         f"{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
 class Worker:
-    """A live ``script --worker JSON`` interpreter that answers one ``RESULT`` line per command line."""
+    """A live ``script --worker JSON`` interpreter that answers one ``RESULT`` line per command line.
+
+    A worker that dies raises :class:`WorkerDied` naming the configuration and the cause (exit status, signal,
+    the OOM killer); :meth:`close` always ends the interpreter (so none is left holding memory)."""
 
     def __init__(self, script: Path, job: dict):
         import tempfile
 
-        self.job = job
+        self.job, self.name = job, job.get("name", "?")
+        self.oom_before = oom_kills()
         self.err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: warnings can never fill it and block
         self.proc = subprocess.Popen([sys.executable, str(script), "--worker", json.dumps(job)], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
         self.ready = self._read()
 
+    def _died(self) -> WorkerDied:
+        self.proc.wait()
+        self.err.seek(0)
+        tail = self.err.read()[-3000:]
+        return WorkerDied(f"worker {self.name} died: {exit_cause(self.proc.returncode, self.oom_before)}"
+                          + (f"\n{tail}" if tail.strip() else ""))
+
     def _read(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
-        self.proc.wait()
-        self.err.seek(0)
-        raise RuntimeError(f"worker {self.job.get('name')} failed (rc {self.proc.returncode}):\n"
-                           f"{self.err.read()[-4000:]}")
+        raise self._died()
 
     def ask(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
+        if self.proc.poll() is not None:
+            raise self._died()
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._died() from None
         return self._read()
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        """End the interpreter: close its stdin and wait, then terminate, then kill."""
+        try:
+            if self.proc.stdin and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        for stop in (None, self.proc.terminate, self.proc.kill):
+            if stop is not None:
+                stop()
+            try:
+                self.proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.err.close()
 
 
 def emit(result: dict) -> None:

@@ -206,6 +206,9 @@ class BlipBackbone(Backbone, Exportable):
                 raise UserError(f"backbone blip.v1: task_model '{task_model}' is not one of {', '.join(_HEADS)}")
             cls = _HEADS[task_model]
         return super().__new__(cls)
+    # ``fuse`` takes image tokens of batch 1 for a batch of texts: BLIP's cross-attention broadcasts the keys and
+    # values over the batch, so one image's are computed once for all its candidate texts (ITM re-ranking).
+    fuse_broadcasts_image = True
 
     def __init__(
         self,
@@ -418,7 +421,8 @@ class BlipBackbone(Backbone, Exportable):
         return F.normalize(self.model.text_proj(text_embeds[:, 0, :]), dim=-1)
 
     def fuse(self, input_ids, attention_mask, image_embeds, image_atts=None) -> torch.Tensor:
-        """Text encoder in multimodal mode (BLIP's ITM input: first token replaced by ``[ENC]``): ``(B, L, Dt)``."""
+        """Text encoder in multimodal mode (BLIP's ITM input: first token replaced by ``[ENC]``): ``(B, L, Dt)``.
+        ``image_embeds`` is ``(B, N, Dv)``, or ``(1, N, Dv)``: one image for all B texts."""
         ids = input_ids.clone()
         ids[:, 0] = self.enc_token_id
         if image_atts is None:

@@ -52,7 +52,10 @@ class LoRA(nn.Module, Adapter):
     def _delta_fn(self, k: str):
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., d_out)
             a, b = self.lora_A[k], self.lora_B[k]
-            return F.linear(F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype)) * self.scaling
+            ax = F.linear(self.dropout(x), a.to(x.dtype))  # (..., r)
+            if self.scaling != 1.0:  # on the r-wide product, not on a (..., d_out) activation
+                ax = ax * self.scaling
+            return F.linear(ax, b.to(x.dtype))
 
         return delta
 

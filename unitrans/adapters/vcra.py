@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unitrans import injection
 from unitrans.adapters import VCRAOptions
+from unitrans.adapters.lowrank import InputCache, folded_product, project
 from unitrans.adapters.passes import refuse_pass_dependent_merge, split_passes
 from unitrans.interfaces import Adapter, InjectionPoint, SharedProjection
 
@@ -59,12 +58,12 @@ class VCRA(nn.Module, Adapter, SharedProjection):
     * A and B are drawn from ``torch.Generator().manual_seed(projection_seed + pair index)`` on the CPU:
       equal on every machine and rank. ``A ~ N(0, 1/d_in)``, ``B ~ N(0, 1/r)`` (normal, as the paper says,
       scaled so ``B A x`` keeps the magnitude of ``x``).
-    * ``A x`` is computed once per input and pair: q, k and v of one attention read the same input, and the
-      forward hooks of their linears find it in a one-entry cache keyed on the input tensor object, the
-      version counter of A and the grad mode. The scalings fold into ``B`` (``s·diag(λb) B diag(λa)``, an
-      ``(d_out, r)`` matrix), so a point costs one ``F.linear`` of ``A x`` and no full-size elementwise work; k
-      and v sharing their λ pair and input get one update computed once; the three slices of a fused qkv get one
-      ``F.linear`` with their folded ``B`` stacked.
+    * ``A x`` is computed once per input and pair: the points of one attention that read one input (q, k, v;
+      the slices of a fused qkv) compute their updates as one product in the first of their hooks, with the
+      scalings folded into ``B`` (``s·diag(λb) B diag(λa)``, ``(d_out, r)``) inside it, so no full-size
+      elementwise work runs and, when A trains, the only activation kept for backward is ``x`` itself
+      (:mod:`unitrans.adapters.lowrank`); k and v sharing their λ pair are one head. No caller has to clear
+      anything between steps.
 
     Parameter count with ``share="all"``, N points of width d, k/v scalings not shared:
     ``2·d·r + N·(d + r) + #modalities`` (the paper's Θ, plus the scalars ``s``).
@@ -91,10 +90,8 @@ class VCRA(nn.Module, Adapter, SharedProjection):
         self.points: list[InjectionPoint] = []
         self._pair_of: dict[str, str] = {}  # point id -> pair key
         self._scaling_of: dict[str, str] = {}  # point id -> scaling key
-        # pair key -> [(x, state, A x)], most recent first; ("out", scaling key) -> (x, state, update);
-        # ("folded" | "stacked", ...) -> (parameter state, matrix)
-        self._cache: dict = {}
-        self._kv_shared: set[str] = set()  # scaling keys used by more than one point (k and v of an attention)
+        self._ax_caches: dict[str, InputCache] = {}  # pair key -> A x of recent inputs (see the forward section)
+        self._pending = None  # (group ids, x, state, {point id: update}): the rest of one attention call's updates
         self.pair_modalities: dict[str, set[str]] = {}
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -143,10 +140,6 @@ class VCRA(nn.Module, Adapter, SharedProjection):
             self._pair_of[p.id] = self.pair_key(p)
             self._scaling_of[p.id] = sk
             self.points.append(p)
-        users: dict[str, int] = {}
-        for p in points:
-            users[self._scaling_of[p.id]] = users.get(self._scaling_of[p.id], 0) + 1
-        self._kv_shared = {sk for sk, n in users.items() if n > 1}
         by_module: dict[int, list[InjectionPoint]] = {}
         for p in points:
             by_module.setdefault(id(p.module), []).append(p)
@@ -180,120 +173,123 @@ class VCRA(nn.Module, Adapter, SharedProjection):
         return None
 
     # ---- forward ---------------------------------------------------------------------------------------------
+    # Nothing here needs a call from the caller to stay correct (no ``clear_cache`` after backward): the points of
+    # one attention that read one input compute their updates together, in the first of their hooks, and hand the
+    # others their share within that attention's call; ``A x`` is shared across calls (the image tokens of every
+    # fusion layer, QASN's block inputs) only through an :class:`InputCache`, which drops an entry when its input
+    # dies or backward runs through it. Nothing folded is cached: the scalings fold inside the product.
+
+    def _ax_cache(self, pair: str) -> InputCache:
+        if pair not in self._ax_caches:
+            self._ax_caches[pair] = InputCache(self.CACHE_INPUTS)
+        return self._ax_caches[pair]
+
     def _project(self, key: str, x: torch.Tensor, d_in: int) -> torch.Tensor:
-        """``A x`` for the pair ``key``, from a small per-pair cache of recent inputs: q, k and v of one attention
-        read one input; the cross-attention k and v of every fusion layer read the same image tokens (one
-        ``A x`` for all layers when the pair is shared); QASN reads each fusion block's input, which is also that
-        block's self-attention input. Entries match on the input tensor object, A's version and the grad mode."""
+        """``A[:, :d_in] x`` (``(..., r)``) for the pair ``key``; across calls (``reuse_across_calls``) from the
+        pair's :class:`InputCache`: the cross-attention k and v of every fusion layer read the same image tokens,
+        and QASN reads each fusion block's input, which that block's self-attention projected."""
         a = self.pair(key)[0]
-        state = (a._version, torch.is_grad_enabled(), d_in)
-        entries = self._cache.setdefault(key, [])
-        for i, (cx, cstate, cax) in enumerate(entries):
-            if cx is x and cstate == state:
-                if i:  # most recently used first
-                    entries.insert(0, entries.pop(i))
-                return cax
-        ax = F.linear(x, a[:, :d_in].to(x.dtype))  # (..., r)
-        entries.insert(0, (x, state, ax))
-        # Under gradient checkpointing only q, k, v of one call share (a recomputed block must save what it saved)
-        del entries[self.CACHE_INPUTS if self.reuse_across_calls else 1:]
-        return ax
+        if not self.reuse_across_calls:  # gradient checkpointing: a recomputed block must save what it saved
+            return project(x, a, d_in)
+        cache, state = self._ax_cache(key), (a._version, torch.is_grad_enabled(), d_in)
+        hit = cache.get(x, state)
+        return hit if hit is not None else cache.put(x, state, project(x, a, d_in, shared=True))
 
     def projector(self, modality: str):
         """``x, d_in -> A[:, :d_in] x`` through the cache of the pair that serves ``modality`` (QASN calls it on
         the fusion blocks' inputs), or ``None`` when no pair is shared with that modality."""
-        if self.share == "none" or not self.reuse_across_calls:
+        if self.share == "none":
             return None
         key = next((k for k, mods in self.pair_modalities.items() if modality in mods), None)
         return None if key is None else (lambda x, d_in: self._project(key, x, d_in))
 
-    def _folded_b(self, p: InjectionPoint) -> torch.Tensor:
-        """``s · diag(λb) B diag(λa)`` of a point, ``(d_out, r)``: the scalings act on the small matrix, never on
-        a ``(..., d_out)`` activation (no full-size multiply in forward, nothing full-size saved for backward).
-        Cached until a parameter changes, the grad mode changes or a backward pass runs through it: a training
-        step runs the text encoder several times (ITC, ITM positives, ITM negatives) and every run reuses the one
-        folded matrix; the next micro-batch of an accumulation (same parameters, graph freed) folds afresh."""
+    def _head(self, p: InjectionPoint):
         sk = _safe(self._scaling_of[p.id])
-        key, state = ("folded", self._pair_of[p.id], sk), self._params_state(p)
-        hit = self._cached(key, state)
-        if hit is not None:
-            return hit
-        b = self.pair(self._pair_of[p.id])[1][: p.out_features]
-        folded = b * self.lambda_a[sk] * (self.lambda_b[sk] * self.scale[p.modality])[:, None]
-        return self._remember(key, state, folded)
+        return self.lambda_a[sk], self.lambda_b[sk], self.scale[p.modality]
 
-    def _cached(self, key, state) -> torch.Tensor | None:
-        """A matrix cached under ``key`` for exactly this parameter ``state`` (never under gradient checkpointing)."""
-        hit = self._cache.get(key) if self.reuse_across_calls else None
-        return hit[1] if hit is not None and hit[0] == state else None
+    def _group_update(self, pts: list[InjectionPoint], x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The updates of ``pts`` (one pair, one input ``x (..., d_in)``) as one product ``(..., Σ d_out)``: the
+        row blocks are the distinct scalings ``rows`` indexes (k and v sharing theirs are one head)."""
+        pair = self._pair_of[pts[0].id]
+        a, b = self.pair(pair)
+        heads, seen = [], {}
+        for p in pts:
+            key = (self._scaling_of[p.id], p.modality)
+            if key not in seen:
+                seen[key] = len(heads)
+                heads.append(self._head(p))
+        ax = self._project(pair, x, pts[0].in_features)
+        return folded_product(ax, x, a if self.train_projections else None, b, heads, rows)
 
-    def _remember(self, key, state, tensor: torch.Tensor) -> torch.Tensor:
-        """Cache ``tensor`` under ``key`` until the parameters change or backward runs through it; returns it."""
-        if self.reuse_across_calls:
-            self._cache[key] = (state, tensor)
-            if tensor.requires_grad:
-                tensor.register_hook(self._forget(key, tensor))
-        return tensor
+    def _heads_of(self, pts: list[InjectionPoint]) -> list[int]:
+        """For each point, the index of its head among the distinct (scaling, modality) pairs, in order."""
+        seen: dict = {}
+        return [seen.setdefault((self._scaling_of[p.id], p.modality), len(seen)) for p in pts]
 
-    def _forget(self, key, tensor: torch.Tensor):
-        """A gradient hook that drops ``key`` from the cache once backward has run through ``tensor`` (its graph
-        is freed then, so it must not be reused). The hook holds neither the tensor nor the adapter: a tensor
-        whose own hook refers to it is a cycle through the autograd graph that Python's collector cannot see, and
-        every step would leak its graph."""
-        ident, owner = id(tensor), weakref.ref(self)
+    def _call_group(self, p: InjectionPoint) -> list[InjectionPoint]:
+        """The points of this adapter and pair that read ``p``'s input within one call: q, k, v of one
+        self-attention, k and v of one cross-attention (same attention and input group), or slices of one fused
+        linear; ``p`` included, in forward order. Points of one linear that act in different passes
+        (``text.attn.q`` beside ``fusion.self.q``) are never in one group: each pass computes its own."""
 
-        def hook(grad):
-            adapter = owner()
-            entries = adapter._cache if adapter is not None else {}
-            hit = entries.get(key)
-            if hit is not None and id(hit[-1]) == ident:
-                del entries[key]
-            return None
+        def together(q: InjectionPoint) -> bool:
+            one_call = q.module is p.module or (p.attention is not None and q.attention == p.attention
+                                                  and q.input_group == p.input_group)
+            return one_call and q.mode == p.mode and self._pair_of[q.id] == self._pair_of[p.id]
 
-        return hook
+        return [q for q in self.points if together(q)]
 
-    def _params_state(self, p: InjectionPoint) -> tuple:
-        a, b = self.pair(self._pair_of[p.id])
-        sk = _safe(self._scaling_of[p.id])
-        return (a._version, b._version, self.lambda_a[sk]._version, self.lambda_b[sk]._version,
-                self.scale[p.modality]._version, torch.is_grad_enabled())
+    def _version_state(self, pts: list[InjectionPoint]) -> tuple:
+        a, b = self.pair(self._pair_of[pts[0].id])
+        vs = [torch.is_grad_enabled(), a._version, b._version]
+        for p in pts:
+            vs += [t._version for t in self._head(p)]
+        return tuple(vs)
 
     def _delta_fn(self, p: InjectionPoint):
-        pair, sk, d_in = self._pair_of[p.id], self._scaling_of[p.id], p.in_features
-        reuse = sk in self._kv_shared  # k and v of one attention read one input and share λ: equal updates
+        group = self._call_group(p)
+        heads = self._heads_of(group)
+        rows = sorted(set(heads))
+        widths = {h: q.out_features for h, q in zip(heads, group)}
+        starts = {h: sum(widths[j] for j in rows[:rows.index(h)]) for h in rows}
+        mine = heads[group.index(p)]
+        ids = tuple(q.id for q in group)
 
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., d_out)
-            if reuse:
-                hit = self._cache.pop(("out", sk), None)
-                if hit is not None and hit[0] is x and hit[1] == (pair, d_in, self._params_state(p)):
-                    return hit[2]
-            ax = self._project(pair, x, d_in)  # (..., r), shared by q, k, v
-            out = F.linear(ax, self._folded_b(p).to(x.dtype))
-            if reuse:
-                self._cache[("out", sk)] = (x, (pair, d_in, self._params_state(p)), out)
-            return out
+            pending, self._pending = self._pending, None  # another point of this group computed it just now
+            if pending is not None and pending[0] == ids and pending[1] is x and p.id in pending[3]:
+                if pending[2] == self._version_state(group):
+                    rest = pending[3]
+                    out = rest.pop(p.id)
+                    if rest:
+                        self._pending = pending
+                    return out
+            out = self._group_update(group, x, rows)
+            if len(group) == 1:
+                return out
+            parts = {q.id: out[..., starts[h]:starts[h] + widths[h]] for q, h in zip(group, heads) if q is not p}
+            self._pending = (ids, x, self._version_state(group), parts)
+            return out[..., starts[mine]:starts[mine] + widths[mine]]
 
         return delta
 
     def _fused_delta_fn(self, group: list[InjectionPoint]):
-        """One update for every row of a fused linear (BLIP's vision qkv): ``A x`` once, then one ``F.linear``
-        with the points' folded ``B`` stacked in row order (shared k/v scalings folded once)."""
+        """One update for every row of a fused linear (BLIP's vision qkv): ``A x`` once, then one product with
+        the points' folded ``B`` stacked in row order (k and v sharing scalings fold once, used twice)."""
         group = sorted(group, key=lambda p: p.out_slice.start)
-        pair, d_in = self._pair_of[group[0].id], group[0].in_features
-
-        key = ("stacked", group[0].id)
+        rows = self._heads_of(group)
 
         def delta(x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., sum of d_out)
-            state = tuple(self._params_state(p) for p in group)
-            w = self._cached(key, state)
-            if w is None:  # (d_out_total, r)
-                w = self._remember(key, state, torch.cat([self._folded_b(p) for p in group]))
-            return F.linear(self._project(pair, x, d_in), w.to(x.dtype))
+            self._pending = None
+            return self._group_update(group, x, rows)
 
         return delta
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        """Drop what is cached (never needed for correctness: see the forward section)."""
+        self._pending = None
+        for cache in self._ax_caches.values():
+            cache.clear()
 
     def delta_weight(self, point: InjectionPoint) -> torch.Tensor:
         a, b = self.pair(self._pair_of[point.id])

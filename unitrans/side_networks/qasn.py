@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unitrans.adapters.lowrank import folded_product
 from unitrans.interfaces import SharedProjection, SideNetwork
 
 
@@ -104,18 +105,22 @@ class QASN(nn.Module, SideNetwork):
 
         return hook
 
+    def _xw(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``x_i w_i = diag(λb) B diag(λa) A x_i`` (``(B, L, d)``): ``A x_i`` from the adapter's cache when the pair
+        is the adapter's (its fusion self-attention projected the same ``x_i``), the scalings folded into ``B``
+        inside the product, which keeps only ``x_i`` for backward (see :mod:`unitrans.adapters.lowrank`)."""
+        a, b = self._pair
+        d = self.width
+        ax = self._project(x, d) if self._project is not None else F.linear(x, a[:, :d].to(x.dtype))
+        return folded_product(ax, x, a, b, [(self.lambda_a[i], self.lambda_b[i], None)])
+
     def _post_hook(self, i: int):
         def hook(module, args, kwargs_or_output, output=None):
             out = kwargs_or_output if output is None else output
             if not self._active.get(i):
                 return None
             x = self._x[i]  # (B, L, d)
-            a, b = self._pair
-            d = self.width
-            ax = self._project(x, d) if self._project is not None else F.linear(x, a[:, :d].to(x.dtype))
-            # x_i w_i = diag(λb) B diag(λa) A x_i, the scalings folded into the (d, r) matrix: (B, L, d)
-            w = b[:d] * self.lambda_a[i] * self.lambda_b[i][:, None]
-            xw = F.linear(ax, w.to(x.dtype))
+            xw = self._xw(i, x)
             h_prev = self._h.get(i)
             h = xw if h_prev is None else h_prev + xw  # eq. 5: h_{i+1} = h_i + x_i w_i
             self._h[i + 1] = h

@@ -220,8 +220,11 @@ class Retrieval(Task):
     def _rerank(self, backbone, sims, image_embeds, tok, device, image_queries: bool):
         """Re-score the top ``k_test`` candidates of each query (rows of ``sims``) with the ITM head.
 
-        Pairs are scored in chunks of ``itm_batch``; memory is bounded by the chunk, not by the data set. Rank r
-        scores the queries r, r + W, r + 2W, ...; the rows are then summed across ranks (each row has one owner).
+        Rank r scores the queries r, r + W, r + 2W, ...; the rows are then summed across ranks (each row has one
+        owner). Pairs are scored in chunks of at most ``itm_batch``; memory is bounded by the chunk, not by the
+        data set. When the backbone's fusion accepts one image for many texts (``fuse_broadcasts_image``), the
+        pairs are grouped by image and each chunk holds one image: its tokens' cross-attention keys and values
+        (most of a pair's cost at 384 px) are computed once for all its candidate texts instead of once per pair.
         """
         from unitrans import distributed as dist
 
@@ -233,9 +236,8 @@ class Retrieval(Task):
         c_idx = topk_idx.reshape(-1)
         img_idx, txt_idx = (q_idx, c_idx) if image_queries else (c_idx, q_idx)
         out = torch.empty(len(q_idx))
-        for start in range(0, len(q_idx), self.itm_batch):
-            sl = slice(start, start + self.itm_batch)
-            imgs = image_embeds[img_idx[sl]].to(device)
+        for sl, one_image in self._chunks(backbone, img_idx):
+            imgs = image_embeds[img_idx[sl[:1]] if one_image else img_idx[sl]].to(device)  # (1 or n, N, Dv)
             ids = tok["input_ids"][txt_idx[sl]].to(device)
             mask = tok["attention_mask"][txt_idx[sl]].to(device)
             logits = backbone.itm_logits(backbone.fuse(ids, mask, imgs)).float()
@@ -247,3 +249,20 @@ class Retrieval(Task):
         scores = torch.zeros(n_q, n_c)
         scores[owned] = rows
         return dist.all_reduce_sum(scores.to(device)).cpu()
+
+    def _chunks(self, backbone, img_idx: torch.Tensor):
+        """``(pair indices (n,), one_image)`` chunks of at most ``itm_batch`` pairs: all of one image when the
+        backbone broadcasts one image over many texts, else consecutive pairs."""
+        n = len(img_idx)
+        if not getattr(backbone, "fuse_broadcasts_image", False):
+            for start in range(0, n, self.itm_batch):
+                yield torch.arange(start, min(start + self.itm_batch, n)), False
+            return
+        order = torch.argsort(img_idx, stable=True)
+        _, counts = torch.unique_consecutive(img_idx[order], return_counts=True)
+        start = 0
+        for count in counts.tolist():
+            group = order[start:start + count]
+            start += count
+            for sub in range(0, count, self.itm_batch):
+                yield group[sub:sub + self.itm_batch], True
