@@ -83,6 +83,16 @@ def build_spec(d: dict, seed: int = 0):
     return spec, built
 
 
+def training_without_dropout(model) -> None:
+    """``model.train()`` with every dropout off: training-mode code paths, deterministic outputs."""
+    from torch import nn
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
 @torch.no_grad()
 def randomise_(params, seed: int = 0, std: float = 0.5, mean: float = 0.0) -> None:
     """Overwrite every tensor in ``params`` with ``mean + std * N(0, 1)`` drawn from a fixed generator."""

@@ -50,17 +50,22 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(side._pair[0], before["adapters.0.A.shared"])
 
 
-def test_round_trip_reproduces_the_outputs(tmp_path):
-    spec, saved = _randomised(quickstart_like(), seed=2)
-    save_adapter(saved, spec, tmp_path)
-    _, loaded = build_spec(quickstart_like())  # same seed: same frozen weights
-    load_adapter(loaded, tmp_path)
+def _assert_same_outputs(saved, loaded, folder) -> None:
+    """Loads the adapter in ``folder`` into ``loaded``; both models then give bit-identical retrieval outputs."""
+    load_adapter(loaded, folder)
     pixel, tok = make_inputs(saved.backbone, batch=2)
     with torch.no_grad():
         a = retrieval_forward(saved.backbone, pixel, tok)
         b = retrieval_forward(loaded.backbone, pixel, tok)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_reproduces_the_outputs(tmp_path):
+    spec, saved = _randomised(quickstart_like(), seed=2)
+    save_adapter(saved, spec, tmp_path)
+    _, loaded = build_spec(quickstart_like())  # same seed: same frozen weights
+    _assert_same_outputs(saved, loaded, tmp_path)
 
 
 def test_checkpoint_of_another_rank_is_refused_naming_the_tensor(tmp_path):
@@ -119,13 +124,7 @@ def test_frozen_projections_are_not_saved(tmp_path):
     assert set(manifest["tensors"]) == set(on_disk)
     # the projections are regenerated from the seed: a reload reproduces the outputs exactly
     _, loaded = build_spec(quickstart_like(train_projections=False))
-    load_adapter(loaded, tmp_path)
-    pixel, tok = make_inputs(saved.backbone, batch=2)
-    with torch.no_grad():
-        a = retrieval_forward(saved.backbone, pixel, tok)
-        b = retrieval_forward(loaded.backbone, pixel, tok)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_outputs(saved, loaded, tmp_path)
 
 
 def test_another_base_is_refused(tmp_path):

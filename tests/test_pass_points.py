@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import make_inputs, randomise_, tiny_backbone
+from conftest import make_inputs, randomise_, tiny_backbone, training_without_dropout
 from unitrans.adapters import lora_v1, vcra_v1
 from unitrans.errors import UserError
 from unitrans.interfaces import match_points
@@ -160,10 +160,7 @@ def test_gradient_checkpointing_recomputes_each_pass_with_its_own_points():
         adapter = {"name": "vcra.v1", "targets": TEXT + FUSED + ["fusion.attn.[qkv]"], "rank": 4}
         _, built = build_spec(spec_dict([adapter], backbone_extra={"gradient_checkpointing": gc}))
         bb = built.backbone
-        bb.model.train()
-        for m in bb.model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
+        training_without_dropout(bb.model)
         randomise_(built.trainable.parameters(), seed=9, std=0.1, mean=0.0)
         pixel, tok = make_inputs(bb, batch=2)
         built.trainable.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_inputs, randomise_, retrieval_forward, tiny_backbone
+from conftest import make_inputs, randomise_, retrieval_forward, tiny_backbone, training_without_dropout
 from unitrans.adapters import vcra_v1
 from unitrans.interfaces import InjectionPoint, match_points
 
@@ -387,10 +387,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_qasn():
         _, built = build_spec(spec_dict([adapter], {"name": "qasn.v1"}, backbone_extra={"gradient_checkpointing": gc}))
         bb = built.backbone
         assert bb.recomputes_activations is gc and built.adapters[0].reuse_across_calls is (not gc)
-        bb.model.train()
-        for m in bb.model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
+        training_without_dropout(bb.model)
         randomise_(built.trainable.parameters(), seed=8, std=0.1, mean=0.0)
         pixel, tok = make_inputs(bb, batch=2)
         built.trainable.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unitrans.errors import UserError
-from unitrans.metrics.files import coverage, json_id, read_json, unique_ids
+from unitrans.metrics.files import coverage, json_id, read_json, read_results, unique_ids
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)  # runs of letters / digits (any script)
 KEYS = ("bleu4", "cider")
@@ -97,15 +97,7 @@ def read_caption_results(path: str | Path) -> dict[Any, str]:
         UserError: not a list of such entries, or an image captioned twice (named; the COCO evaluation refuses
             it too).
     """
-    data = read_json(path, "caption results file")
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
-    for i, r in enumerate(data):
-        if not isinstance(r, dict) or "image_id" not in r or not isinstance(r.get("caption"), str):
-            raise UserError(f"{path}: entry {i} needs 'image_id' and a string 'caption'")
-    ids = [json_id(r["image_id"]) for r in data]
-    unique_ids(path, ids, "image_id")
-    return {i: r["caption"] for i, r in zip(ids, data)}
+    return read_results(path, "caption results file", "image_id", "caption")
 
 
 def score_files(results: str | Path, annotations: str | Path) -> dict[str, float]:

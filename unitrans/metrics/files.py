@@ -53,6 +53,24 @@ def unique_ids(path: str | Path, ids: Iterable[Any], key: str) -> None:
         first[item] = i
 
 
+def read_results(path: str | Path, what: str, key: str, value: str) -> dict[Any, str]:
+    """A results file ``[{key: id, value: "text"}, ...]`` -> ``{id: text}`` (ids as :func:`json_id` reads them).
+
+    Raises:
+        UserError: missing or malformed, not a list of such entries, or an id answered twice (named).
+    """
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of {{\"{key}\", \"{value}\"}} objects, got "
+                        f"{type(data).__name__}")
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or key not in r or not isinstance(r.get(value), str):
+            raise UserError(f"{path}: entry {i} needs '{key}' and a string '{value}'")
+    ids = [json_id(r[key]) for r in data]
+    unique_ids(path, ids, key)
+    return {i: r[value] for i, r in zip(ids, data)}
+
+
 def coverage(n_scored: int, n_total: int) -> dict[str, float]:
     """``{"n_scored", "n_total", "coverage"}``: how many of the ground truth's items the results answered."""
     return {"n_scored": float(n_scored), "n_total": float(n_total),

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from unitrans.errors import UserError
-from unitrans.metrics.files import coverage, json_id, read_json, unique_ids
+from unitrans.metrics.files import coverage, json_id, read_json, read_results, unique_ids
 
 KEYS = ("vqa_acc",)
 
@@ -241,16 +241,7 @@ def read_vqa_results(path: str | Path) -> dict[Any, str]:
     Raises:
         UserError: not a list of such entries, or a question answered twice (named).
     """
-    data = read_json(path, "VQA results file")
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of {{\"question_id\", \"answer\"}} objects, got "
-                        f"{type(data).__name__}")
-    for i, r in enumerate(data):
-        if not isinstance(r, dict) or "question_id" not in r or not isinstance(r.get("answer"), str):
-            raise UserError(f"{path}: entry {i} needs 'question_id' and a string 'answer'")
-    ids = [json_id(r["question_id"]) for r in data]
-    unique_ids(path, ids, "question_id")
-    return {q: r["answer"] for q, r in zip(ids, data)}
+    return read_results(path, "VQA results file", "question_id", "answer")
 
 
 def _blip_ground_truth(path: str | Path, entries: list) -> GroundTruth:
