@@ -159,3 +159,23 @@ def test_validate_without_deep_stays_light(folder):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, env=env, timeout=120)
     assert "@@ 0 []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_skipped_items_are_counted_in_metrics_json(folder):
+    """Under on_error = "skip" a run records the unreadable items it met: in each evaluation (scored on a blank
+    picture) and in training (replaced by a readable neighbour), summed in ``metrics.json``."""
+    _json(folder / "train.json", [{"image": name, "caption": f"photo {k}", "image_id": k}
+                                  for k, name in enumerate(["bad.png", "p0.png", "p1.png", "p2.png"])])
+    _json(folder / "test.json", [{"image": name, "caption": [f"photo {k}"]}
+                                 for k, name in enumerate(["p0.png", "bad.png", "p2.png"])])
+    spec = _spec(folder, {"image_root": folder / "img", "train_file": folder / "train.json",
+                          "test_file": folder / "test.json", "on_error": "skip"})
+    text = spec.read_text().replace("[train]\n", "[train]\nmax_steps = 1\ndevice = \"cpu\"\n")
+    spec.write_text(text.replace("[eval]\n", "[eval]\nat_start = true\n")
+                    + "[[adapters]]\nname = \"lora.v1\"\ntargets = [\"text.attn.q\"]\n")
+    assert cli.main(["run", str(spec)]) == 0
+    metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    assert metrics["skipped_items"] == 1  # one evaluation over the test split: bad.png once
+    assert metrics["skipped_train_items"] == 1  # one epoch of 4 items: bad.png once
+    initial = json.loads((folder / "run" / "metrics_initial.json").read_text())
+    assert initial["skipped_items"] == 1  # counted per evaluation, not accumulated

@@ -71,15 +71,33 @@ def clear_adapter_caches(built) -> None:
 
 
 def evaluate(built, dataset, spec, device, collate, output_dir=None) -> dict:
-    """The task's metrics on ``dataset`` (every rank; files written by the main rank into ``output_dir``)."""
+    """The task's metrics on ``dataset`` (every rank; files written by the main rank into ``output_dir``).
+
+    Under ``on_error = "skip"`` the metrics also hold ``skipped_items``: the items of this evaluation whose media
+    could not be read (scored on a blank picture), summed over the ranks."""
     built.backbone.model.eval()
     built.trainable.eval()
+    counting = skipping(dataset)
+    before = dataset.skipped if counting else 0
     with autocast(device, spec.train.precision):
         metrics = built.task.evaluate(built.backbone, dataset, spec.eval.batch_size, device=device,
                                       collate=collate, num_workers=spec.train.num_workers,
                                       output_dir=output_dir if dist.is_main() else None, split=spec.eval.split)
     clear_adapter_caches(built)
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if counting:
+        metrics["skipped_items"] = skipped_total(dataset.skipped - before, device)
+    return metrics
+
+
+def skipping(dataset) -> bool:
+    """Whether ``dataset`` skips unreadable media (``on_error = "skip"``) and counts them."""
+    return getattr(getattr(dataset, "reader", None), "on_error", None) == "skip"
+
+
+def skipped_total(count: int, device) -> float:
+    """``count`` summed over the ranks."""
+    return float(dist.all_reduce_sum(torch.tensor([float(count)], device=device)).item())
 
 
 def task_hook(task, name: str, *args) -> Any:

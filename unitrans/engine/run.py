@@ -22,7 +22,8 @@ from unitrans import distributed as dist
 from unitrans.engine import outdir
 from unitrans.engine.build import build, count_parameters
 from unitrans.engine.checkpoint import base_identity, disk_full, save_adapter
-from unitrans.engine.loop import TrainingError, evaluate, format_metrics, lr_lambda, say, task_hook, train
+from unitrans.engine.loop import (TrainingError, evaluate, format_metrics, lr_lambda, say, skipped_total, skipping,
+                                  task_hook, train)
 from unitrans.engine.preflight import check_data
 from unitrans.errors import UserError
 from unitrans.fileio import atomic_write_json
@@ -161,6 +162,8 @@ def _run(spec, device: torch.device, folder: outdir.RunFolder) -> dict:
     stats = train(built, data, eval_ds, spec, device, folder)
     metrics = stats["metrics"] or evaluate(built, eval_ds, spec, device, data.collate, output_dir=out)
     metrics.update({"train_time_s": stats["train_time_s"], "steps": stats["steps"], "world_size": dist.world_size()})
+    if skipping(data.train):
+        metrics["skipped_train_items"] = skipped_total(data.train.skipped, device)
     if dist.is_main():
         save_adapter(built, spec, out, base=base)
         atomic_write_json(out / "metrics.json", metrics)
