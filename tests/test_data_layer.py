@@ -225,6 +225,29 @@ def test_images_skip_unreadable_files_counted_in_train_and_eval(tmp_path, photos
     assert data.test[1]["image"].std() > 0 and data.test.skipped == 1
 
 
+def test_confine_to_root_refuses_images_outside_the_image_folder(tmp_path, photos):
+    """Annotations taken from elsewhere may name files anywhere: ``..``, an absolute path, a link out of the folder.
+    With ``confine_to_root`` each is refused before a byte is read; by default (trusted annotations) they load."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(photos, root)
+    secret = tmp_path / "secret.png"
+    shutil.copy(root / "coffee.png", secret)
+    (root / "link.png").symlink_to(secret)
+    names = ["coffee.png", "../secret.png", str(secret), "link.png"]
+    test = _json(tmp_path / "test.json", [{"image": n, "caption": [f"c{k}"]} for k, n in enumerate(names)])
+    make = registry.get("datasets", "blip_retrieval.v1")
+    trusted = make(image_root=str(root), test_file=str(test))
+    assert trusted.preflight(False).problems == [] and len(trusted.setup(SIZE, MEAN, STD).test) == 4
+    confined = make(image_root=str(root), test_file=str(test), confine_to_root=True)
+    problems = confined.preflight(False).problems
+    assert len(problems) == 3 and all("lies outside" in p and str(root.resolve()) in p for p in problems)
+    assert not any(p.split(": ", 1)[1].startswith(str(root / "coffee.png")) for p in problems)
+    with pytest.raises(DataError, match=r"lies outside .* \(and 2 more\)"):
+        confined.setup(SIZE, MEAN, STD)
+
+
 # ---- BLIP's augmentation -----------------------------------------------------------------------------------------
 def _ref_warp(img: np.ndarray, inverse) -> np.ndarray:
     """Per-pixel loop: output (x, y) reads the input at inverse(x, y), bilinear, grey 128 outside."""

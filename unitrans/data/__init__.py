@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 from pydantic import Field
 
 from unitrans import registry
+from unitrans.errors import DataError
 from unitrans.options import PositiveInt
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ SPLITS = ("train", "val", "test")
 
 
 def _is_path(name: str) -> bool:
+    if name == "confine_to_root":  # a switch, not a folder
+        return False
     return name == "root" or name == "answer_list" or name.endswith(("_root", "_file", "_files"))
 
 
@@ -78,12 +81,15 @@ class ImageOptions(_Builder):
             ``"blip"`` (BLIP's: crop, horizontal flip, RandAugment N=2 M=5) or ``"none"``.
         on_error: an unreadable image ``"raise"``s a DataError naming it, or is ``"skip"``ped (counted in
             ``dataset.skipped``; a train item is replaced by the next readable one, an eval item scores blank).
+        confine_to_root: refuse annotation entries whose image resolves (``..``, absolute paths and symbolic
+            links followed) outside the image folder(s): for annotation files taken from elsewhere.
     """
 
     max_words: PositiveInt = 30
     min_scale: CropScale = 0.5
     augment: Augment = "crop"
     on_error: OnError = "raise"
+    confine_to_root: bool = False
 
 
 @dataclass(kw_only=True)
@@ -96,6 +102,8 @@ class VideoOptions(_Builder):
         sampling_train: ``random`` (one frame per segment), ``uniform`` (segment midpoints) or ``headtail``.
         sampling_eval: frame sampling for evaluation.
         on_error: ``raise`` a DataError naming an unreadable video, or ``skip`` it (counted, logged once).
+        confine_to_root: refuse entries whose video resolves outside ``video_root`` (``..``, absolute paths and
+            symbolic links followed).
         max_words: captions / questions are cut to this many words.
         decode_threads: decoder threads per clip (1 when data-loader workers do the parallel work).
     """
@@ -105,6 +113,7 @@ class VideoOptions(_Builder):
     sampling_train: FrameSampling = "random"
     sampling_eval: FrameSampling = "uniform"
     on_error: OnError = "raise"
+    confine_to_root: bool = False
     max_words: PositiveInt = 30
     decode_threads: PositiveInt = 1
 
@@ -159,6 +168,16 @@ class _Files:
     def media_root(self) -> Path:
         return getattr(self, f"{self.media_key}_root")
 
+    def media_roots(self) -> list[Path]:
+        """The folders the media may lie in (``confine_to_root``)."""
+        return [self.media_root()]
+
+    def _outside(self, parsed: "Parsed") -> list[str]:
+        """Entries whose media lie outside :meth:`media_roots`, when ``confine_to_root`` is set."""
+        from unitrans.data.base import outside_roots
+
+        return outside_roots(parsed, self.media_roots()) if getattr(self, "confine_to_root", False) else []
+
     def parsers(self) -> dict[str, Callable[[], "Parsed"] | None]:
         return _pair_parsers(self)
 
@@ -176,9 +195,13 @@ class _Files:
         check_dir(self.media_root(), f"{self.media_key}_root")
         sets = {}
         for split, parse in self.parsers().items():
+            parsed = None if parse is None else parse()
+            outside = [] if parsed is None else self._outside(parsed)
+            if outside:
+                raise DataError(outside[0] + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""))
             train = split == "train"
-            sets[split] = None if parse is None else MediaDataset(
-                parse(), self.reader(train, image_size, mean, std), train)
+            sets[split] = None if parsed is None else MediaDataset(
+                parsed, self.reader(train, image_size, mean, std), train)
         return self.module(sets)
 
     def preflight(self, deep: bool = False) -> "Preflight":
@@ -192,6 +215,7 @@ class _Files:
         for split, parse in self.parsers().items():
             parsed = split_size(split, parse, report)
             if parsed is not None and root_ok:
+                report.problems += self._outside(parsed)
                 check_media(parsed, self.media_key, getattr(self, "on_error", "raise"), check, report)
         return report
 
@@ -331,6 +355,9 @@ class BlipVQAData(_Files, ImageOptions):
 
     def parsers(self):
         return _qa_parsers(self, list(self.train_files), {"vqa": self.image_root, "vg": self.vg_root})
+
+    def media_roots(self):
+        return [Path(r) for r in (self.image_root, self.vg_root) if r]
 
     def module(self, sets):
         from unitrans.data.entries import read_answer_list

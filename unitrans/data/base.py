@@ -189,6 +189,19 @@ def check_media(parsed: Parsed, kind: str, on_error: str, check: Callable[[str],
                     late[0].end, durations[late[0].media])
 
 
+def outside_roots(parsed: Parsed, roots: list[Path]) -> list[str]:
+    """One line per media file of ``parsed`` that resolves (``..``, absolute paths and symbolic links followed)
+    outside every folder of ``roots``."""
+    bases = [Path(r).resolve() for r in roots]
+    lines = []
+    for media in sorted({r.media for r in parsed.records}):
+        real = Path(media).resolve()
+        if not any(real == b or b in real.parents for b in bases):
+            lines.append(f"{parsed.file}: {media} lies outside {', '.join(str(b) for b in bases)} "
+                         "(data.confine_to_root = true)")
+    return lines
+
+
 def past_end(record: Record, duration: float, tolerance: float = 0.5) -> bool:
     """True when the record's start or end time lies past ``duration`` seconds (by more than ``tolerance``)."""
     return any(t is not None and t > duration + tolerance for t in (record.start, record.end))
