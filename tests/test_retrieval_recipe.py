@@ -263,3 +263,23 @@ def test_without_the_recipe_the_step_is_unchanged():
     ref = (-(F.log_softmax(sim, 1) * target).sum(1).mean() - (F.log_softmax(sim.t(), 1) * target).sum(1).mean()) / 2
     torch.testing.assert_close(terms["itc_loss"], ref, atol=1e-6, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("decay", ["matrices", "all"])
+def test_decay_all_is_blips_adamw_over_every_trainable_tensor(decay):
+    """BLIP's ``AdamW(model.parameters(), lr, weight_decay)`` decays vectors (VCRA's λ, biases) too: one step with
+    zero gradients moves a tensor only by the decay, ``p <- p (1 - lr wd)``."""
+    from types import SimpleNamespace
+
+    from unitrans.engine.loop import make_optimizer
+    from unitrans.spec import TrainSpec
+
+    tr = TrainSpec(lr=0.1, weight_decay=0.5, decay=decay)
+    state = {"B": torch.nn.Parameter(torch.ones(3, 2)), "lambda_b": torch.nn.Parameter(torch.ones(3))}
+    optim = make_optimizer(state, tr, SimpleNamespace(total=10, steps_per_epoch=10), torch.device("cpu"))
+    for p in state.values():
+        p.grad = torch.zeros_like(p)
+    optim.opt.step()
+    assert torch.allclose(state["B"], torch.full((3, 2), 1 - 0.1 * 0.5))
+    expected = 1 - 0.1 * 0.5 if decay == "all" else 1.0
+    assert torch.allclose(state["lambda_b"], torch.full((3,), expected))

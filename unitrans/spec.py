@@ -137,7 +137,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUME_CHANGES: dict[str, str] = {
     "train.lr": "the new peak lr; the schedule keeps its position, so from the resumed step the lr is the new peak "
                 "times the schedule's factor at that step (warm-up and cosine are not restarted)",
-    "train.weight_decay": "AdamW's decay of the matrices from the resumed step on",
+    "train.weight_decay": "AdamW's decay (of the tensors train.decay names) from the resumed step on",
     "train.grad_clip": "gradient clipping from the resumed step on",
     "train.epochs": "a new run length; the cosine is recomputed over the new total, so the lr moves to the new "
                     "curve's value at the resumed step",
@@ -154,6 +154,8 @@ class TrainSpec(BaseModel):
         batch_size (int): the *global* batch (all ranks, all accumulation micro-steps together).
         lr (float): peak learning rate.
         weight_decay (float): AdamW weight decay.
+        decay (str): which trainable tensors AdamW decays: ``"matrices"`` (2-D and up; vectors such as VCRA's λ,
+            biases and norms are not decayed) or ``"all"`` (BLIP's recipe: ``AdamW(model.parameters(), wd)``).
         warmup_ratio (float): fraction of the steps spent warming up linearly, in [0, 1).
         min_lr_ratio (float): the cosine schedule ends at ``lr * min_lr_ratio``, in [0, 1].
         grad_accum (int): micro-steps per optimiser step; must divide ``batch_size``.
@@ -193,6 +195,7 @@ class TrainSpec(BaseModel):
     batch_size: PositiveInt = 32
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-4
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.05
+    decay: Literal["matrices", "all"] = "matrices"
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     grad_accum: PositiveInt = 1

@@ -174,11 +174,13 @@ class Optim:
 
 
 def make_optimizer(state: dict[str, torch.Tensor], tr, plan: Plan, device: torch.device) -> Optim:
-    """AdamW (decay on matrices only), the lr schedule and the fp16 grad scaler."""
+    """AdamW (decay on the matrices, or on every tensor with ``train.decay = "all"``), the lr schedule and the
+    fp16 grad scaler. Two parameter groups either way (matrices, vectors), so a checkpoint's optimizer state fits."""
     decay = [p for p in state.values() if p.ndim >= 2]
-    no_decay = [p for p in state.values() if p.ndim < 2]
+    vectors = [p for p in state.values() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr)
+                             {"params": vectors, "weight_decay": tr.weight_decay if tr.decay == "all" else 0.0}],
+                            lr=tr.lr)
     fn = lr_lambda(plan.total, int(tr.warmup_ratio * plan.total), tr.min_lr_ratio, tr.schedule,
                    plan.steps_per_epoch)
     return Optim(opt, torch.optim.lr_scheduler.LambdaLR(opt, fn),

@@ -77,4 +77,6 @@ def apply_changes(opt: torch.optim.Optimizer, sched, tr, step: int) -> None:
         group["initial_lr"] = base
         group["lr"] = base * fn(step)
     opt.param_groups[0]["weight_decay"] = tr.weight_decay
+    if len(opt.param_groups) > 1:  # the vectors' group (train.decay)
+        opt.param_groups[1]["weight_decay"] = tr.weight_decay if tr.decay == "all" else 0.0
     sched._last_lr = [g["lr"] for g in opt.param_groups]
