@@ -17,7 +17,7 @@ stage() {  # stage SPEC RUN_DIR EXPORT_DIR: train SPEC (resuming) and export it,
     echo "[table8] $3 exists, skipped"
     return
   fi
-  "$PY" -m unitrans run "$1"
+  "$PY" -m unitrans run "$1" --resume  # a fresh start, or the continuation of an interrupted one
   "$PY" -m unitrans export "$1" --checkpoint "$2" --out "$3"
 }
 
