@@ -72,20 +72,12 @@ def test_missing_data_file_names_the_path(tmp_path, capsys):
     spec = tmp_path / "spec.toml"
     spec.write_text(f"""
 output_dir = "{tmp_path / 'out'}"
-[backbone]
-name = "blip.v1"
-preset = "tiny"
-[[adapters]]
-name = "vcra"
-[task]
-name = "retrieval"
-[data]
-name = "blip_retrieval"
-image_root = "{tmp_path}"
-train_file = "{tmp_path / 'nope_train.json'}"
-test_file = "{tmp_path / 'nope_test.json'}"
-[train]
-progress = false
+backbone = {{name = "blip.v1", preset = "tiny"}}
+adapters = [{{name = "vcra"}}]
+task = {{name = "retrieval"}}
+data = {{name = "blip_retrieval", image_root = "{tmp_path}", train_file = "{tmp_path / 'nope_train.json'}",
+        test_file = "{tmp_path / 'nope_test.json'}"}}
+train = {{progress = false}}
 """)
     assert cli.main(["run", str(spec)]) == 2
     err = capsys.readouterr().err

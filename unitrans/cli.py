@@ -320,11 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("validate", help="check a spec (all problems at once) and show its resolved components")
+    p.set_defaults(func=_cmd_validate)
     _add_spec_args(p)
     p.add_argument("--resolved", action="store_true", help="print the whole resolved spec as TOML")
     p.add_argument("--deep", action="store_true", help="also open every image / video once and list every "
                    "unreadable file")
-    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="train and evaluate as a spec says")
     _add_run_args(p)

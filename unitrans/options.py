@@ -24,7 +24,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]  # a dropout rate, a label smoothing
 
-__all__ = ["NonNegativeFloat", "NonNegativeInt", "Options", "PositiveFloat", "PositiveInt", "Probability", "builds"]
+__all__ = ["Configured", "NonNegativeFloat", "NonNegativeInt", "Options", "PositiveFloat", "PositiveInt", "Probability",
+           "builds"]
 
 O = TypeVar("O", bound="Options")
 
@@ -57,6 +58,16 @@ def _parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     else:
         default = inspect.Parameter.empty if info.is_required() else info.default
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+class Configured:
+    """A component made from its :class:`Options`: ``Component(options)``, or the options' fields as keywords
+    (``Captioning(num_beams=1)``), validated the same way. A subclass names its class in ``options_class``."""
+
+    options_class: type[Options]
+
+    def __init__(self, options: Options | None = None, **fields: Any):
+        self.options = options if options is not None else self.options_class(**fields)
 
 
 def builds(options: type[O]) -> Callable[[Callable[[O], Any]], Callable[..., Any]]:

@@ -618,12 +618,8 @@ def resolved_builder(kind: str, comp: ComponentSpec, location: str | None = None
 
 
 def component_kwargs(kind: str, comp: ComponentSpec, location: str | None = None) -> dict[str, Any]:
-    """The validated keyword arguments for calling a component's builder (defaults filled, values coerced).
-
-    Args:
-        kind: registry kind (``"adapters"``, ...).
-        comp: the component's spec.
-        location: where it sits in the spec, for error lines (default: the kind).
+    """The validated keyword arguments for calling a component's builder (defaults filled, values coerced); the
+    arguments are :func:`resolved_builder`'s.
 
     Returns:
         A dict to call the builder with: ``builder(**component_kwargs(kind, comp))``.

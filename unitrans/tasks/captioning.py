@@ -15,6 +15,7 @@ import torch
 
 from unitrans.errors import UserError
 from unitrans.interfaces import EncoderDecoder, Task
+from unitrans.options import Configured
 from unitrans.tasks import CaptioningOptions
 from unitrans.tasks import decoding
 
@@ -26,7 +27,7 @@ def need_pycocoevalcap(task: str) -> None:
 
 
 # ---- the task ------------------------------------------------------------------------------------------------
-class Captioning(Task):
+class Captioning(Configured, Task):
     """Prompted LM loss on the decoder; beam-search captions scored by BLEU-4 and CIDEr (x100).
 
     The ``alignment`` argument of :meth:`training_step` is ignored: ITC / MCAM align unimodal image and text
@@ -36,11 +37,8 @@ class Captioning(Task):
 
     metric_keys = ("bleu4", "cider")
     primary_metric = "cider"
+    options_class = CaptioningOptions
     name = "captioning.v1"
-
-    def __init__(self, options: CaptioningOptions | None = None, **fields):
-        """Args: ``options``, or its fields as keywords (``Captioning(num_beams=1)``)."""
-        self.options = options if options is not None else CaptioningOptions(**fields)
 
     def required_capabilities(self) -> tuple[type, ...]:
         return (EncoderDecoder,)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from unitrans.errors import UserError
 from unitrans.interfaces import EncoderDecoder, QuestionEncoder, Task
+from unitrans.options import Configured
 from unitrans.tasks import VQAOptions
 from unitrans.tasks import decoding
 
@@ -36,7 +37,7 @@ def answer_log_likelihood(backbone, states: torch.Tensor, states_mask: torch.Ten
     return -decoding.token_nll(logits, decoding.padding_ignored(answer_ids, answer_mask)).sum(1)
 
 
-class VQA(Task):
+class VQA(Configured, Task):
     """BLIP's VQA recipe: answer-weighted decoder loss; ``rank`` or ``generate`` inference; VQA accuracy (x100).
 
     The ``alignment`` argument of :meth:`training_step` is ignored (VQA has no unimodal text features to align).
@@ -44,11 +45,8 @@ class VQA(Task):
 
     metric_keys = ("vqa_acc", "acc")
     primary_metric = "vqa_acc"
+    options_class = VQAOptions
     name = "vqa.v1"
-
-    def __init__(self, options: VQAOptions | None = None, **fields):
-        """Args: ``options``, or its fields as keywords (``VQA(inference="generate")``)."""
-        self.options = options if options is not None else VQAOptions(**fields)
 
     def required_capabilities(self) -> tuple[type, ...]:
         return (QuestionEncoder, EncoderDecoder)
