@@ -85,6 +85,27 @@ def test_vqa_model_from_a_retrieval_checkpoint_starts_its_decoder_from_the_encod
                        encoder["encoder.layer.0.attention.self.query.weight"])
     # the LM head is tied to the decoder's word embeddings
     assert torch.equal(vqa.model.text_decoder.cls.predictions.decoder.weight, encoder["embeddings.word_embeddings.weight"])
+
+
+def test_the_lm_head_a_retrieval_checkpoint_lacks_is_initialised(tmp_path):
+    """transformers leaves the head's bias (tied to ``decoder.bias``, absent on both sides) as allocated memory:
+    under deterministic algorithms torch fills such memory with NaN, and the Table 8 VQA stage stopped at step 1."""
+    from unitrans_blip.backbone import BlipBackbone
+
+    retrieval = BlipBackbone(preset="tiny", task_model="retrieval")
+    retrieval.model.save_pretrained(str(tmp_path))
+    retrieval.processor.save_pretrained(str(tmp_path))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # empty memory is NaN from here on
+    try:
+        with pytest.warns(UserWarning, match="starts from its text encoder"):
+            vqa = BlipBackbone(pretrained=str(tmp_path), task_model="vqa")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    head = dict(vqa.model.text_decoder.cls.named_parameters())
+    assert all(torch.isfinite(p).all() for p in head.values()), [n for n, p in head.items() if not torch.isfinite(p).all()]
+    assert torch.count_nonzero(head["predictions.bias"]) == 0
+    assert torch.equal(head["predictions.transform.LayerNorm.weight"], torch.ones_like(head["predictions.transform.LayerNorm.weight"]))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a checkpoint with its own decoder keeps it, silently
         vqa.model.save_pretrained(str(tmp_path / "vqa"))

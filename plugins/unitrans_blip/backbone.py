@@ -735,9 +735,31 @@ def _decoder_from_encoder(model: nn.Module, missing_keys, pretrained: str) -> bo
         for name, tensor in encoder.state_dict().items():
             if name in target and target[name].shape == tensor.shape:
                 target[name].copy_(tensor)
+        _init_lm_head(model.text_decoder, missing_keys)
     warnings.warn(f"backbone blip.v1: '{pretrained}' has no text decoder (a retrieval checkpoint?); the "
                   f"{type(model).__name__} text decoder starts from its text encoder's weights", stacklevel=3)
     return True
+
+
+def _init_lm_head(text_decoder: nn.Module, missing_keys) -> None:
+    """Initialise the LM head tensors the checkpoint lacks, as BERT does (biases 0, LayerNorm 1 / 0, dense
+    N(0, initializer_range)). ``transformers`` leaves a tied pair it finds absent on both sides (the head's ``bias``
+    and ``decoder.bias``) as allocated, uninitialised memory: zeros by luck, NaN under deterministic algorithms."""
+    cls = getattr(text_decoder, "cls", None)
+    if cls is None:
+        return
+    if not any(str(k).startswith("text_decoder.cls.") for k in missing_keys):
+        return
+    std = getattr(text_decoder.config, "initializer_range", 0.02)
+    for name, p in cls.named_parameters():
+        if name.endswith("decoder.weight"):  # tied to the word embeddings, copied from the encoder
+            continue
+        if name.endswith("LayerNorm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std)
 
 
 def _make_processor(tokenizer, image_size: int, mean, std):
