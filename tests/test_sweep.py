@@ -18,6 +18,7 @@ import pytest
 
 from unitrans import cli
 from unitrans.engine import sweep as sweep_mod
+from unitrans.errors import UserError
 from unitrans.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,24 @@ def test_command_line_grid_and_seeds(tmp_path, capsys):
     assert "name=lora,rank=4: {'adapters.0.name': 'lora', 'adapters.0.rank': 4}" in out
     assert out.count("name=") == 4 and "seeds: [3, 4]" in out
     assert not (tmp_path / "o").exists()  # a dry run runs nothing
+
+
+def test_only_a_named_variant_keeps_every_grid_point_crossed_with_it(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text(QUICKSTART.read_text() + """
+[sweep.variants.lora]
+"adapters.0.name" = "lora"
+[sweep.variants.lora_wide]
+"adapters.0.name" = "lora"
+"adapters.0.rank" = 16
+""")
+    grid = ["train.lr=1e-3,3e-3"]
+    picked = sweep_mod.load_sweep(spec, grid_args=grid, only=["lora"])
+    assert [v.name for v in picked.variants] == ["lora+lr=0.001", "lora+lr=0.003"]  # not lora_wide's points
+    one = sweep_mod.load_sweep(spec, grid_args=grid, only=["lora_wide+lr=0.003"])
+    assert [v.name for v in one.variants] == ["lora_wide+lr=0.003"]
+    with pytest.raises(UserError, match="no variant named 'lor'"):
+        sweep_mod.load_sweep(spec, grid_args=grid, only=["lor"])
 
 
 def test_every_variant_error_is_reported_at_once(tmp_path, capsys):

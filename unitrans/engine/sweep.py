@@ -159,6 +159,11 @@ def expand(variants: Mapping[str, Mapping[str, Any]],
     return out
 
 
+def _selects(name: str, variant: str) -> bool:
+    """``--only name`` picks the variant of that name and, under a grid, every ``name+point`` crossed from it."""
+    return variant == name or variant.startswith(name + "+")
+
+
 def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Sequence[str] = (),
                seeds: Sequence[int] | None = None, output_dir: str | Path | None = None,
                only: Sequence[str] = ()) -> Sweep:
@@ -170,7 +175,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Seque
         grid_args: ``--grid key=v1,v2`` items; a key here replaces the same key of ``[sweep.grid]``.
         seeds: replaces ``[sweep] seeds``; default: those, else the spec's ``seed``.
         output_dir: the sweep's folder (default: the spec's ``output_dir``).
-        only: keep only these variant names (default: all).
+        only: keep only these variant names (default: all); a named variant's name also keeps every grid point
+            crossed with it (``lora`` keeps ``lora+lr=0.001``, ...).
 
     Raises:
         SpecError: the spec, or any variant, is invalid (each line names its variant).
@@ -189,11 +195,11 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), grid_args: Seque
     expanded = expand(sweep_table.get("variants", {}), grid)
     if only:
         known = [e[0] for e in expanded]
-        missing = [n for n in only if n not in known]
+        missing = [n for n in only if not any(_selects(n, k) for k in known)]
         if missing:
             raise UserError(f"--only: no variant named {', '.join(repr(m) for m in missing)}; "
                             f"the variants are: {', '.join(known)}")
-        expanded = [e for e in expanded if e[0] in only]
+        expanded = [e for e in expanded if any(_selects(n, e[0]) for n in only)]
     errors: list[str] = []
     variants: list[Variant] = []
     for name, ov, where in expanded:
