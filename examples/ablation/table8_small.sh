@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The small-scale Table 8, end to end, from a fresh clone (offline, CPU; about 1.5 hours on 2 cores):
+# The small-scale Table 8, end to end, from a fresh clone (offline, CPU; about 1 h 50 min on 2 cores):
 #   1. pretraining of the minilm BLIP on single-object shapes (ITC + ITM), exported   -> runs/table8/pretrained_blip
 #   2. its answer decoder's pretraining on single-object shapes VQA, exported          -> runs/table8/pretrained_blip_vqa
 #   3. the retrieval rows, 3 seeds    -> runs/table8_small/      (results.md/.json/.csv, plots)
