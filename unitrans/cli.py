@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=None,
                    help="the sweep's folder (default: the spec's output_dir); runs go to <dir>/<variant>/seed<k>")
     p.add_argument("--only", default=None, metavar="V1,V2",
-                   help="run only these variants (a variant's name also selects its --grid points: lora -> lora+lr=0.001)")
+                   help="run only these variants (a variant's name also selects its --grid points, "
+                        "lora: lora+lr=0.001, ...)")
     p.add_argument("--no-plots", action="store_true", help="write the results tables only")
     p.add_argument("--dry-run", action="store_true", help="validate and list the variants; run nothing")
     p.set_defaults(func=_cmd_sweep)
